@@ -1,0 +1,66 @@
+"""Load any image a user may have into 8-bit RGB, safely."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """An input that is not a readable image, or one that is too large."""
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Return ``source`` (path, bytes, file object or PIL image) as an 8-bit RGB image.
+
+    EXIF orientation is applied; grayscale, palette, 16-bit and CMYK images become RGB;
+    transparency is composited onto white (the codec stores no alpha channel).
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        elif isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+            raise ImageError(f"no such image file: {source}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(source)
+        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageError(f"not a readable image ({e})") from None
+        except OSError as e:
+            raise ImageError(f"cannot read image: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise ImageError("image is empty (0 pixels)")
+    try:
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot decode image: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "F" and (img.mode.startswith("I;16") or arr.max() > 255):
+            arr = arr / 257.0
+        elif img.mode == "F" and arr.max() <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")

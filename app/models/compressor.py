@@ -1,0 +1,140 @@
+"""Encoder, mean-scale hyperprior, gain units and content decoder of CDC (Yang & Mandt 2023, Sec. 3.1).
+
+    y = g_a(x) · gain[q]          z = h_a(y)          (μ, σ) = h_s(ẑ)
+    ŷ = round(y − μ) + μ          content pyramid, x_base = g_s(ŷ / gain[q])
+
+Rate (Eq. 7's first term) uses the noisy-relaxed likelihoods of y and z; the decoder path uses
+the straight-through rounded ŷ. The gain vectors (Cui et al. 2021) give Q rate levels in one model.
+Entropy parameters are computed in fp32; the pipeline runs that part on the CPU so files are
+portable across devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+from compressai.models.base import CompressionModel
+from compressai.models.utils import conv, deconv
+from compressai.ops import quantize_ste
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+STRIDE = 64  # z lives at H/64
+_CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
+
+
+@dataclass
+class CompressorOutput(BaseOutput):
+    """compressai style: ``likelihoods`` holds {"y", "z"}; ``content`` the pyramid (fine→coarse)."""
+
+    content: list
+    x_base: torch.Tensor
+    likelihoods: dict
+
+
+class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
+    """Analysis transform, hyperprior and content decoder.
+
+    Args:
+        latent_channels: M, channels of y (at H/16).
+        hyper_channels: N, channels of z (at H/64).
+        encoder_channels: widths of g_a at H/2, H/4, H/8.
+        content_channels: widths of the content pyramid at H/4, H/8, H/16 (the UNet's cond_channels).
+        num_quality_levels: Q, number of gain vectors.
+        gain_spread: initial log2 gains span ±gain_spread across levels (spread rates from the start).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 128,
+        hyper_channels: int = 64,
+        encoder_channels: tuple[int, int, int] = (48, 96, 128),
+        content_channels: tuple[int, int, int] = (64, 96, 128),
+        num_quality_levels: int = 6,
+        gain_spread: float = 1.5,
+    ):
+        super().__init__()
+        m, n = latent_channels, hyper_channels
+        c1, c2, c3 = encoder_channels
+        self.g_a = nn.Sequential(
+            conv(3, c1), GDN(c1), conv(c1, c2), GDN(c2), conv(c2, c3), GDN(c3), conv(c3, m)
+        )
+        self.h_a = nn.Sequential(conv(m, n, 3, 1), nn.LeakyReLU(inplace=True), conv(n, n), nn.LeakyReLU(inplace=True), conv(n, n))
+        self.h_s = nn.Sequential(
+            deconv(n, n), nn.LeakyReLU(inplace=True), deconv(n, n * 3 // 2), nn.LeakyReLU(inplace=True), conv(n * 3 // 2, 2 * m, 3, 1)
+        )
+        self.entropy_bottleneck = EntropyBottleneck(n)
+        self.gaussian_conditional = GaussianConditional(None)
+        for module in (self.entropy_bottleneck, self.gaussian_conditional):
+            # CDF tables are derived (update()), not stored: they are rebuilt on the CPU after loading.
+            module._non_persistent_buffers_set.update(b for b in _CDF_BUFFERS if hasattr(module, b))
+
+        log2_gain = torch.linspace(-gain_spread, gain_spread, num_quality_levels)[:, None].repeat(1, m)
+        self.log2_gain = nn.Parameter(log2_gain)
+        self.log2_inverse_gain = nn.Parameter(-log2_gain.clone())
+
+        k1, k2, k3 = content_channels
+        self.content16 = nn.Sequential(conv(m, k3, 3, 1), GDN(k3, inverse=True))
+        self.content8 = nn.Sequential(deconv(k3, k2), GDN(k2, inverse=True))
+        self.content4 = nn.Sequential(deconv(k2, k1), GDN(k1, inverse=True))
+        self.to_base = conv(k1, 3 * 16, 3, 1)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def gain(self, quality: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        table = self.log2_inverse_gain if inverse else self.log2_gain
+        return torch.exp2(table[quality])[:, :, None, None]
+
+    def analysis(self, x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        """y = g_a(x) · gain[q]; ``x`` in [-1, 1], sides multiples of 64."""
+        return self.g_a(x) * self.gain(quality)
+
+    def entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ, μ) of y given ẑ, always in fp32."""
+        with torch.autocast(z_hat.device.type, enabled=False):
+            scales, means = self.h_s(z_hat.float()).chunk(2, dim=1)
+        return scales, means
+
+    def content(self, y_hat: torch.Tensor, quality: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Content pyramid [H/4, H/8, H/16] and base image x_base ∈ [-1, 1]-ish from ŷ."""
+        f16 = self.content16(y_hat * self.gain(quality, inverse=True))
+        f8 = self.content8(f16)
+        f4 = self.content4(f8)
+        return [f4, f8, f16], F.pixel_shuffle(self.to_base(f4), 4)
+
+    # -- training -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, quality: torch.Tensor) -> CompressorOutput:
+        y = self.analysis(x, quality)
+        with torch.autocast(x.device.type, enabled=False):
+            y = y.float()
+            z = self.h_a(y)
+            z_hat, z_likelihoods = self.entropy_bottleneck(z)
+            scales, means = self.entropy_parameters(z_hat)
+            _, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
+            y_hat = quantize_ste(y - means) + means
+        content, x_base = self.content(y_hat, quality)
+        return CompressorOutput(content=content, x_base=x_base, likelihoods={"y": y_likelihoods, "z": z_likelihoods})
+
+    # -- coding (compressai contract: strings and shapes) ---------------------------------
+    def compress(self, y: torch.Tensor) -> dict:
+        """Entropy-code a gained latent ``y`` (on this module's device, fp32)."""
+        z = self.h_a(y)
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        scales, means = self.entropy_parameters(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
+        return {"strings": [y_strings, z_strings], "shape": z.shape[-2:]}
+
+    def decompress(self, strings: list, shape) -> torch.Tensor:
+        """ŷ from [y_strings, z_strings] and the shape of z."""
+        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        scales, means = self.entropy_parameters(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return self.gaussian_conditional.decompress(strings[0], indexes, means=means)

@@ -1,0 +1,225 @@
+"""``CDCPipeline``: image → ``.cdc`` bytes → image, with a conditional diffusion decoder.
+
+Decoding follows Yang & Mandt (2023), Alg. 2: x_N = ε, then for each of the K scheduler steps the
+UNet predicts x̂0 = f(x_n, n, ρ, content(ŷ)) (X-parameterisation) and the scheduler (DDIM by
+default) moves to x_{n-1}; the last x̂0 is the reconstruction.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import bitstream
+from .bitstream import BitstreamError
+from .images import MAX_PIXELS, load_image
+from .models.compressor import STRIDE, CDCCompressor
+from .models.unet import CDCUNet
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "cdc"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder that is missing or cannot be loaded."""
+
+
+def make_scheduler() -> DDIMScheduler:
+    """The paper's sampler: cosine schedule, x0 prediction, clipped x̂0, trailing timesteps (start at t=T)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="sample",
+        clip_sample=True,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
+
+
+def image_to_tensor(img: PIL.Image.Image) -> torch.Tensor:
+    """RGB image → (1, 3, H, W) float tensor in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def tensor_to_image(x: torch.Tensor) -> PIL.Image.Image:
+    """(1, 3, H, W) tensor in [-1, 1] → RGB image."""
+    arr = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray(arr, "RGB")
+
+
+@dataclass
+class CDCPipelineOutput(BaseOutput):
+    """A round trip: the reconstruction, the ``.cdc`` bytes and their bits per pixel."""
+
+    images: list
+    bitstreams: list
+    bpp: list
+
+
+class CDCPipeline(DiffusionPipeline):
+    """Compressor (encoder + hyperprior + content decoder), conditional UNet and a diffusers scheduler."""
+
+    model_cpu_offload_seq = "compressor->unet"
+
+    def __init__(self, compressor: CDCCompressor, unet: CDCUNet, scheduler, default_num_inference_steps: int = 4):
+        super().__init__()
+        self.register_modules(compressor=compressor, unet=unet, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.max_pixels = MAX_PIXELS
+        self._coder = None
+        self._model_id = None
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def num_quality_levels(self) -> int:
+        return self.compressor.config.num_quality_levels
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        return self.config.default_num_inference_steps
+
+    @property
+    def multiple(self) -> int:
+        """Image sides are padded to a multiple of this."""
+        return math.lcm(STRIDE, self.unet.downscale_factor)
+
+    @property
+    def model_id(self) -> bytes:
+        """8-byte hash of the compressor's and UNet's configs and weights (as fp32 on the CPU)."""
+        if self._model_id is None:
+            h = hashlib.sha256()
+            for module in (self.compressor, self.unet):
+                config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+                h.update(json.dumps(config, sort_keys=True, default=list).encode())
+                for name, tensor in sorted(module.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._model_id = h.digest()[:8]
+        return self._model_id
+
+    def _entropy_coder(self) -> CDCCompressor:
+        """The compressor's fp32 CPU twin: CDFs and entropy parameters never depend on the device."""
+        if self._coder is None:
+            c = self.compressor
+            if c.device.type == "cpu" and c.dtype == torch.float32:
+                coder = c
+            else:
+                coder = copy.deepcopy(c).to("cpu", torch.float32)
+            coder.update(force=True)
+            self._coder = coder
+        return self._coder
+
+    def to(self, *args, **kwargs):
+        self._coder = None
+        return super().to(*args, **kwargs)
+
+    # -- codec ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compress(self, image, quality: int) -> bytes:
+        """Encode ``image`` (anything :func:`app.images.load_image` reads) at ``quality`` ∈ [0, Q)."""
+        if not (isinstance(quality, (int, np.integer)) and 0 <= quality < self.num_quality_levels):
+            raise ValueError(f"quality must be an integer in [0, {self.num_quality_levels - 1}], got {quality!r}")
+        img = load_image(image, self.max_pixels)
+        width, height = img.size
+        m = self.multiple
+        pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
+        x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")
+
+        q = torch.tensor([int(quality)], device=self.device)
+        y = self.compressor.analysis(x.to(self.device, self.compressor.dtype), q)
+        coded = self._entropy_coder().compress(y.float().cpu())
+        (y_string,), (z_string,) = coded["strings"]
+        header = bitstream.Header(self.model_id, int(quality), width, height, pad_w, pad_h)
+        return bitstream.pack(header, z_string, y_string)
+
+    @torch.no_grad()
+    def decompress(
+        self,
+        data: bytes,
+        num_inference_steps: int | None = None,
+        rho: float = 0.9,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> PIL.Image.Image:
+        """Decode ``.cdc`` bytes with K = ``num_inference_steps`` denoising steps at perceptual weight ρ."""
+        header, z_string, y_string = bitstream.unpack(data)
+        self._check_header(header)
+        steps = self.default_num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be ≥ 1, got {steps}")
+        if not 0.0 <= float(rho) <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {rho}")
+
+        shape = (header.pad_height // STRIDE, header.pad_width // STRIDE)
+        try:
+            y_hat = self._entropy_coder().decompress([[y_string], [z_string]], shape)
+        except (RuntimeError, ValueError) as e:
+            raise BitstreamError(f"corrupt latent data ({e})") from None
+
+        q = torch.tensor([header.quality], device=self.device)
+        dtype = self.unet.dtype
+        content, x_base = self.compressor.content(y_hat.to(self.device, self.compressor.dtype), q)
+        content = [f.to(dtype) for f in content]
+        x_base = x_base.to(dtype)
+
+        self.scheduler.set_timesteps(steps, device=self.device)
+        x = randn_tensor(x_base.shape, generator=generator, device=self.device, dtype=dtype)
+        x = x * self.scheduler.init_noise_sigma
+        self.set_progress_bar_config(disable=not progress)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(x, t)
+            prediction = self.unet(model_input, t, rho, content, x_base).sample
+            x = self.scheduler.step(prediction, t, x).prev_sample
+        return tensor_to_image(x[:, :, : header.height, : header.width])
+
+    def _check_header(self, header: bitstream.Header) -> None:
+        if header.model_id != self.model_id:
+            raise BitstreamError(
+                f"file was written by another model (id {header.model_id.hex()}; this checkpoint is {self.model_id.hex()})"
+            )
+        if header.quality >= self.num_quality_levels:
+            raise BitstreamError(f"quality level {header.quality} is not in this model (0–{self.num_quality_levels - 1})")
+        m = self.multiple
+        if header.pad_width != -(-header.width // m) * m or header.pad_height != -(-header.height // m) * m:
+            raise BitstreamError("corrupt .cdc file (padded size does not match the image size)")
+        if header.width * header.height > self.max_pixels:
+            raise BitstreamError(f"image is {header.width}x{header.height}; the decoding limit is {self.max_pixels} pixels")
+
+    def __call__(
+        self,
+        image,
+        quality: int,
+        num_inference_steps: int | None = None,
+        rho: float = 0.9,
+        generator: torch.Generator | None = None,
+    ) -> CDCPipelineOutput:
+        """Round trip: compress then decompress one image."""
+        data = self.compress(image, quality)
+        recon = self.decompress(data, num_inference_steps, rho, generator)
+        return CDCPipelineOutput(images=[recon], bitstreams=[data], bpp=[bitstream.bits_per_pixel(data)])
+
+
+def load_pipeline(checkpoint: str | Path | None = None, device: str = "cpu") -> CDCPipeline:
+    """Load a pipeline folder (default ``checkpoints/cdc``); one-line :class:`CheckpointError` if absent."""
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"no CDC checkpoint at {path} (model_index.json not found)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    try:
+        pipe = CDCPipeline.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return pipe.to(device)
