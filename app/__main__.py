@@ -1,0 +1,105 @@
+"""Command line codec.
+
+    python -m app compress INPUT OUTPUT.cdc [--quality N] [--checkpoint DIR] [--device cpu|cuda]
+    python -m app decompress INPUT.cdc OUTPUT.png [--steps K] [--rho R] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
+    python -m app info INPUT.cdc
+
+Errors print one line on stderr and exit with status 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .bitstream import BitstreamError, bits_per_pixel, unpack
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _write(path: str, data: bytes) -> None:
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror}") from None
+
+
+def compress(args) -> None:
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.checkpoint, args.device)
+    data = pipe.compress(args.input, args.quality)
+    _write(args.output, data)
+    print(f"{args.output}: {len(data)} bytes, {bits_per_pixel(data):.4f} bpp, quality {args.quality}")
+
+
+def decompress(args) -> None:
+    import io
+
+    import torch
+
+    from .pipeline import load_pipeline
+
+    data = _read(args.input)
+    unpack(data)  # fail on a corrupt file before loading the model
+    if not args.output.lower().endswith(".png"):
+        raise ValueError("OUTPUT must be a .png file (lossless)")
+    pipe = load_pipeline(args.checkpoint, args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    image = pipe.decompress(data, args.steps, args.rho, generator)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    _write(args.output, buffer.getvalue())
+    print(f"{args.output}: {image.width}x{image.height}")
+
+
+def info(args) -> None:
+    data = _read(args.input)
+    header, z, y = unpack(data)
+    summary = header.to_dict() | {"file_bytes": len(data), "z_bytes": len(z), "y_bytes": len(y), "bpp": bits_per_pixel(data)}
+    print(json.dumps(summary, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m app", description="CDC: lossy image codec with a diffusion decoder")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="image → .cdc")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--quality", type=int, default=2, help="quality level, 0 = smallest files (default 2)")
+    d = sub.add_parser("decompress", help=".cdc → PNG")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    d.add_argument("--rho", type=float, default=0.9, help="perceptual weight ρ in [0, 1] (0 = lowest MSE)")
+    d.add_argument("--seed", type=int, default=0)
+    for p in (c, d):
+        p.add_argument("--checkpoint", default=None, help="pipeline folder (default: checkpoints/cdc)")
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    i = sub.add_parser("info", help="print a .cdc header as JSON")
+    i.add_argument("input")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"compress": compress, "decompress": decompress, "info": info}[args.command](args)
+    except BitstreamError as e:
+        print(f"error: {args.input}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Train CDC end to end (Yang & Mandt 2023, Eq. 7), on a time budget.
+
+Per sample, with a quality level q (rate weight λ_q) and a perceptual weight ρ drawn at random:
+
+    L = λ_q · bpp + (1 − ρ) · w(t) · ‖x̂0 − x0‖² + ρ · LPIPS(x̂0, x0) + ‖x_base − x0‖²
+
+x̂0 is the one-step x0 prediction at a uniformly drawn t, w(t) = clip(SNR_t, 1, 5) (min-SNR
+weighting floored at 1, so the high-noise steps that few-step decoding starts from count), and the
+last term trains the content decoder's deterministic base image directly (fast convergence).
+compressai's auxiliary loss trains the entropy bottleneck's quantiles. Adam with warm-up and a
+cosine decay over the time budget, EMA weights (what is saved), gradient clipping, bf16 autocast
+on CUDA, fp32 likelihoods.
+
+    python -m app.train --data ../shared/datasets/train --out runs/cdc --max-minutes 60
+    python -m app.train --pack-to .data/train --data ../shared/datasets/train   # compact copy for the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from PIL import Image
+
+from .images import load_image
+from .metrics import load_lpips, psnr
+from .models import CDCCompressor, CDCUNet
+from .pipeline import CDCPipeline, load_pipeline, make_scheduler
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
+
+
+def image_files(folders) -> list[Path]:
+    files = sorted(p for d in folders for p in Path(d).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"error: no images found in {', '.join(map(str, folders))}")
+    return files
+
+
+def pack(folders, out: Path, short_side: int, quality: int) -> None:
+    """Downscale every image so its short side is ``short_side`` and store it as JPEG (compact, for the GPU machine)."""
+    out.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i, path in enumerate(image_files(folders)):
+        img = load_image(path)
+        scale = short_side / min(img.size)
+        if scale < 1:
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+        target = out / f"{i:05d}.jpg"
+        img.save(target, quality=quality)
+        total += target.stat().st_size
+    print(f"packed {i + 1} images into {out} ({total / 1e6:.1f} MB)")
+
+
+class CropSampler:
+    """Random crops with horizontal flips, from images held in (device) memory as uint8."""
+
+    def __init__(self, files, crop: int, device, seed: int):
+        self.crop = crop
+        self.images = []
+        for path in files:
+            img = load_image(path)
+            if min(img.size) < crop:
+                scale = crop / min(img.size)
+                img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.BICUBIC)
+            self.images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device))
+        self.rng = random.Random(seed)
+
+    def batch(self, n: int) -> torch.Tensor:
+        crops = []
+        for _ in range(n):
+            img = self.images[self.rng.randrange(len(self.images))]
+            top = self.rng.randint(0, img.shape[1] - self.crop)
+            left = self.rng.randint(0, img.shape[2] - self.crop)
+            c = img[:, top : top + self.crop, left : left + self.crop]
+            crops.append(c.flip(-1) if self.rng.random() < 0.5 else c)
+        return torch.stack(crops).float() / 127.5 - 1.0
+
+
+def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
+    """ρ ∈ [0, 1]: 30% at 0, 30% at 0.9 (the paper's operating points), the rest uniform."""
+    u = torch.rand(n, generator=generator)
+    rho = torch.rand(n, generator=generator)
+    return torch.where(u < 0.3, 0.0, torch.where(u < 0.6, 0.9, rho))
+
+
+def build_pipeline(args) -> CDCPipeline:
+    if args.resume:
+        pipe = load_pipeline(args.resume)
+        return pipe.to(torch.float32)
+    return CDCPipeline(CDCCompressor(num_quality_levels=len(args.lambdas)), CDCUNet(), make_scheduler())
+
+
+@torch.no_grad()
+def validate(pipe: CDCPipeline, images, levels, steps: int) -> dict:
+    """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0."""
+    pipe._coder = None  # rebuild CDFs from the current weights
+    rows = {}
+    for q in levels:
+        bpps, psnrs = [], []
+        for img in images:
+            data = pipe.compress(img, q)
+            recon = pipe.decompress(data, steps, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
+            bpps.append(8 * len(data) / (img.width * img.height))
+            psnrs.append(psnr(img, recon))
+        rows[f"q{q}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
+    pipe._coder = None
+    return rows
+
+
+def split_parameters(compressor: CDCCompressor, unet: CDCUNet) -> tuple[list, list]:
+    """(main, aux): the entropy bottleneck's quantiles are trained by the auxiliary loss only."""
+    aux = [p for n, p in compressor.named_parameters() if n.endswith("quantiles")]
+    main = [p for n, p in compressor.named_parameters() if not n.endswith("quantiles")] + list(unet.parameters())
+    return main, aux
+
+
+def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
+    """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32."""
+    compressor, unet = copy.deepcopy(pipe.compressor).cpu(), copy.deepcopy(pipe.unet).cpu()
+    main, aux = split_parameters(compressor, unet)
+    ema.copy_to(main + aux)
+    compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
+    for p in main + aux:
+        p.data = p.data.half()
+    CDCPipeline(compressor, unet, pipe.scheduler, pipe.default_num_inference_steps).save_pretrained(
+        out, max_shard_size="9MB"
+    )
+    (out / "training_state.json").write_text(json.dumps(state, indent=2))
+
+
+def training_state(args, prior: dict, step: int, crops: int, minutes: float, device) -> dict:
+    """This run's counts plus the totals of the checkpoint it resumed from."""
+    run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device),
+           "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr}
+    return {
+        "lambdas": list(args.lambdas),
+        "total_steps": prior.get("total_steps", 0) + step,
+        "total_crops": prior.get("total_crops", 0) + crops,
+        "total_minutes": round(prior.get("total_minutes", 0) + minutes, 2),
+        "runs": prior.get("runs", []) + [run],
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m app.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", nargs="+", required=True, help="image folders (never Kodak)")
+    ap.add_argument("--pack-to", type=Path, help="only write a compact downscaled copy of --data here, then exit")
+    ap.add_argument("--pack-short-side", type=int, default=256)
+    ap.add_argument("--pack-quality", type=int, default=90, help="JPEG quality of the packed copy")
+    ap.add_argument("--out", type=Path, default=Path("runs/cdc"))
+    ap.add_argument("--resume", type=Path, help="pipeline folder to continue from (e.g. checkpoints/cdc)")
+    ap.add_argument("--max-minutes", type=float, default=30.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="rate weight per quality level")
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    ap.add_argument("--val", type=Path, help="folder of whole images checked with real bitstreams during training")
+    ap.add_argument("--val-count", type=int, default=4)
+    ap.add_argument("--val-every-minutes", type=float, default=3.0)
+    ap.add_argument("--save-every-minutes", type=float, default=5.0)
+    ap.add_argument("--log", type=Path, help="JSON-lines log (default OUT/log.jsonl)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    if args.pack_to:
+        pack(args.data, args.pack_to, args.pack_short_side, args.pack_quality)
+        return
+
+    start = time.monotonic()
+    budget = args.max_minutes * 60
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    pipe = build_pipeline(args).to(device)
+    prior_file = args.resume / "training_state.json" if args.resume else None
+    prior = json.loads(prior_file.read_text()) if prior_file and prior_file.exists() else {}
+    if pipe.num_quality_levels != len(args.lambdas):
+        raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
+    compressor, unet, scheduler = pipe.compressor, pipe.unet, pipe.scheduler
+    compressor.train()
+    unet.train()
+    lpips_model = load_lpips(args.lpips_net, device=device)
+    sampler = CropSampler(image_files(args.data), args.crop, device, args.seed)
+    val_images = [load_image(p) for p in image_files([args.val])[: args.val_count]] if args.val else []
+    print(f"{len(sampler.images)} training images, {len(val_images)} validation images, device {device}", flush=True)
+
+    main_params, aux_params = split_parameters(compressor, unet)
+    all_params = main_params + aux_params
+    opt = torch.optim.Adam(main_params, lr=args.lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=3e-3)
+    ema = EMAModel(all_params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+    lambdas = torch.tensor(args.lambdas, device=device)
+    alphas = scheduler.alphas_cumprod.to(device)
+    snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.log or args.out / "log.jsonl", "a")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    step = crops = 0
+    next_val = next_save = 0.0
+    while True:
+        elapsed = time.monotonic() - start
+        if elapsed >= budget:
+            break
+        frac = elapsed / budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        x = sampler.batch(args.batch_size)
+        n, _, h, w = x.shape
+        q = torch.randint(len(args.lambdas), (n,), generator=gen).to(device)
+        rho = sample_rho(n, gen).to(device)
+        t = torch.randint(scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
+        noise = torch.randn(x.shape, generator=gen).to(device)
+
+        with autocast:
+            out = compressor(x, q)
+            x_t = scheduler.add_noise(x, noise, t)
+            x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
+            perceptual = lpips_model(x0_hat, x).float()
+        bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
+        bpp = -bits / (h * w)
+        mse = (x0_hat - x).pow(2).flatten(1).mean(1)
+        base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
+        loss = (lambdas[q] * bpp + (1 - rho) * snr_weight[t] * mse + rho * perceptual + base_mse).mean()
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        opt.step()
+        aux_loss = compressor.aux_loss()
+        aux_opt.zero_grad(set_to_none=True)
+        aux_loss.backward()
+        aux_opt.step()
+        ema.step(all_params)
+        step += 1
+        crops += n
+
+        if step % 50 == 0 or step == 1:
+            with torch.no_grad():
+                x0_psnr = (10 * torch.log10(4 / (x0_hat.clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
+                base_psnr = (10 * torch.log10(4 / base_mse)).mean()
+            row = {
+                "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": loss.item(),
+                "bpp": bpp.mean().item(), "mse_x0": mse.mean().item(), "lpips_x0": perceptual.mean().item(),
+                "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(), "aux": aux_loss.item(), "grad_norm": grad_norm.item(),
+            }
+            print(json.dumps(row), flush=True)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if val_images and elapsed >= next_val:
+            next_val = elapsed + args.val_every_minutes * 60
+            if step > 1:
+                backup = [p.detach().clone() for p in all_params]
+                ema.copy_to(all_params)
+                compressor.eval()
+                unet.eval()
+                row = {"step": step, "minutes": round(elapsed / 60, 3), "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2), pipe.default_num_inference_steps)}
+                compressor.train()
+                unet.train()
+                for p, b in zip(all_params, backup):
+                    p.data.copy_(b)
+                print(json.dumps(row), flush=True)
+                log.write(json.dumps(row) + "\n")
+        if elapsed >= next_save and step > 1:
+            next_save = elapsed + args.save_every_minutes * 60
+            save(pipe, ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device))
+
+    minutes = (time.monotonic() - start) / 60
+    save(pipe, ema, args.out, training_state(args, prior, step, crops, minutes, device))
+    print(f"saved {args.out} after {step} steps, {crops} crops, {(time.monotonic() - start) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

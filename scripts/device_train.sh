@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One prepared GPU training run (device tool): carry .whl (bash ../shared/device/wheels.sh) and .data
+# (python -m app.train --pack-to .data/train ...; a few whole images in .data/val).
+# Use: bash scripts/device_train.sh MINUTES [extra app.train args...]; results land in $OUT/cdc.
+set -uo pipefail
+minutes=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/.site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m app.train --data .data/train --val .data/val --val-count 2 --out "$OUT/cdc" --max-minutes "$minutes" \
+  --batch-size 32 --crop 256 --val-every-minutes 2.5 --save-every-minutes 3 "$@" 2>&1 | grep -v -i warn
+timeout 60 python3 -m app.bench --device cuda --json --checkpoint "$OUT/cdc" 2>&1 | grep -v -i warn | tail -5
