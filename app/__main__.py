@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     try:
         {"compress": compress, "decompress": decompress, "info": info}[args.command](args)
     except BitstreamError as e:

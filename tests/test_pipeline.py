@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
+
+from app.bitstream import BitstreamError, Header, pack, unpack
+from app.pipeline import CDCPipeline, CheckpointError, load_pipeline
+from conftest import make_tiny_pipeline
+
+
+def photo(w=96, h=80, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def decode(pipe, data, seed=0, **kw):
+    return pipe.decompress(data, generator=torch.Generator().manual_seed(seed), progress=False, **kw)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (65, 33), (17, 1000), (96, 80)])
+def test_round_trip_any_size(tiny_pipeline, size):
+    img = photo(*size)
+    data = tiny_pipeline.compress(img, 1)
+    header, _, _ = unpack(data)
+    assert (header.width, header.height) == size
+    assert header.pad_width % 64 == 0 and header.pad_height % 64 == 0
+    assert decode(tiny_pipeline, data).size == size
+
+
+def test_same_seed_same_image_and_seed_changes_texture(tiny_pipeline):
+    data = tiny_pipeline.compress(photo(), 2)
+    a, b, c = (np.asarray(decode(tiny_pipeline, data, seed=s)) for s in (0, 0, 1))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_quality_levels_are_stored_and_validated(tiny_pipeline):
+    for q in range(tiny_pipeline.num_quality_levels):
+        assert unpack(tiny_pipeline.compress(photo(), q))[0].quality == q
+    for bad in (-1, tiny_pipeline.num_quality_levels, 1.5):
+        with pytest.raises(ValueError, match="quality"):
+            tiny_pipeline.compress(photo(), bad)
+
+
+def test_decoding_arguments_are_validated(tiny_pipeline):
+    data = tiny_pipeline.compress(photo(), 0)
+    with pytest.raises(ValueError, match="rho"):
+        decode(tiny_pipeline, data, rho=1.5)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        decode(tiny_pipeline, data, num_inference_steps=0)
+
+
+def test_file_from_another_model_is_rejected(tiny_pipeline):
+    other = make_tiny_pipeline(seed=1)
+    with pytest.raises(BitstreamError, match="another model"):
+        decode(tiny_pipeline, other.compress(photo(), 0))
+
+
+def test_forged_headers_are_rejected(tiny_pipeline):
+    header, z, y = unpack(tiny_pipeline.compress(photo(), 0))
+    forged = [
+        Header(header.model_id, 99, header.width, header.height, header.pad_width, header.pad_height),
+        Header(header.model_id, 0, header.width, header.height, header.pad_width + 64, header.pad_height),
+        Header(header.model_id, 0, 5000, 5000, 5056, 5056),
+    ]
+    for h in forged:
+        with pytest.raises(BitstreamError):
+            decode(tiny_pipeline, pack(h, z, y))
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_pipeline, tiny_pipeline_dir):
+    loaded = load_pipeline(tiny_pipeline_dir)
+    assert loaded.model_id == tiny_pipeline.model_id
+    data = tiny_pipeline.compress(photo(), 3)
+    assert loaded.compress(photo(), 3) == data
+    assert np.array_equal(np.asarray(decode(loaded, data)), np.asarray(decode(tiny_pipeline, data)))
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no CDC checkpoint"):
+        load_pipeline(tmp_path)
+
+
+def test_other_diffusers_schedulers_work(tiny_pipeline_dir):
+    pipe = load_pipeline(tiny_pipeline_dir)
+    data = pipe.compress(photo(), 1)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == "sample"
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert decode(pipe, data, num_inference_steps=3).size == (96, 80)
+
+
+def test_round_trip_call_reports_bpp_from_bytes(tiny_pipeline):
+    out = tiny_pipeline(photo(), 2, generator=torch.Generator().manual_seed(0))
+    assert out.bpp[0] == 8 * len(out.bitstreams[0]) / (96 * 80)
+    assert isinstance(out.images[0], Image.Image)
+
+
+def test_pipeline_class_is_a_diffusers_pipeline():
+    from diffusers import DiffusionPipeline
+
+    assert issubclass(CDCPipeline, DiffusionPipeline)
