@@ -43,10 +43,11 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if width == 0 or height == 0:
         raise ImageError("image is empty (0 pixels)")
     try:
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        img = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
+    img.info = {}  # pixels only: no ICC/EXIF/XMP travels into any encoder (keeps codec comparisons fair)
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

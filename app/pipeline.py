@@ -219,7 +219,7 @@ def load_pipeline(checkpoint: str | Path | None = None, device: str = "cpu") -> 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
     try:
-        pipe = CDCPipeline.from_pretrained(path)
+        pipe = CDCPipeline.from_pretrained(path, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
     return pipe.to(device)

@@ -1,0 +1,218 @@
+"""Speed, size and memory of the codec on one image (timing only, never quality).
+
+    python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--steps K] [--size 768x512] [--repeats 3]
+
+The image is a deterministic synthetic one. Without a checkpoint the default configuration
+runs with random weights (labelled so): the speed is the same, the picture is not. Each timing
+is the median of ``--repeats`` runs after one warm-up run; CUDA is synchronised around each.
+The reference is one forward of the paper-sized UNet (base width 64 at full resolution,
+multipliers 1-6, no pixel-unshuffle) on the same image size, with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from app.evaluate import machine_info
+
+PAPER_UNET = {"unshuffle": 1, "block_out_channels": (64, 128, 192, 256, 320, 384), "cond_image": False}
+
+
+def synthetic_image(width: int, height: int) -> Image.Image:
+    """A fixed photo-like test card: smooth gradients, edges and fine noise."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    r = 0.5 + 0.4 * np.sin(7 * x + 3 * y)
+    g = 0.5 + 0.4 * np.cos(5 * y - 2 * x) * (x < 0.6)
+    b = 0.3 + 0.5 * ((x - 0.5) ** 2 + (y - 0.3) ** 2 < 0.05)
+    img = np.stack([r, g, b], axis=-1) + rng.normal(0, 0.04, (height, width, 3))
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run, and its result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _max_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def gflops(module: torch.nn.Module, args, kwargs) -> float:
+    """GFLOPs of one forward (FlopCounterMode: 2 FLOPs per multiply-add)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    return counter.get_total_flops() / 1e9
+
+
+def capture_unet_inputs(pipe, data: bytes) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the UNet's first call during a one-step decode."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        if not captured:
+            captured.append((args, kwargs))
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe.decompress(data, num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def reference_unet(width: int, height: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """Params, GFLOPs and forward time of the paper-sized UNet (random weights) at this size."""
+    from app.models.unet import CDCUNet
+
+    widths = PAPER_UNET["block_out_channels"]
+    unet = CDCUNet(**PAPER_UNET, cond_channels=widths).to(device, dtype).eval()
+    f = unet.downscale_factor
+    h, w = -(-height // f) * f, -(-width // f) * f
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    content = [randn(1, c, h >> i, w >> i) for i, c in enumerate(widths)]
+    args = (randn(1, 3, h, w), torch.tensor([500], device=device), 0.9, content)
+    with torch.no_grad():
+        seconds, _ = timed(lambda: unet(*args), device, repeats)
+    return {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in PAPER_UNET.items()},
+            "params": count_params(unet), "gflops": gflops(unet, args, {}), "forward_s": seconds}
+
+
+def load(checkpoint: str | None, device: str):
+    """(pipeline, weights label): the checkpoint, else the default config with random weights."""
+    from app.models import CDCCompressor, CDCUNet
+    from app.pipeline import CDCPipeline, CheckpointError, load_pipeline, make_scheduler
+
+    try:
+        return load_pipeline(checkpoint, device=device), "checkpoint"
+    except CheckpointError:
+        if checkpoint is not None:
+            raise
+    torch.manual_seed(0)
+    pipe = CDCPipeline(CDCCompressor(), CDCUNet(), make_scheduler())
+    return pipe.to(device), "random (no checkpoint found: default config, timing only)"
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    pipe, weights = load(args.checkpoint, args.device)
+    steps = args.steps or pipe.default_num_inference_steps
+    level = pipe.num_quality_levels // 2
+    img = synthetic_image(*args.size)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        mem_before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        mem_before = _max_rss_mib()
+    encode_s, data = timed(lambda: pipe.compress(img, quality=level), device, args.repeats)
+
+    def decode():
+        gen = torch.Generator().manual_seed(0)
+        return pipe.decompress(data, num_inference_steps=steps, generator=gen, progress=False)
+
+    decode_s, _ = timed(decode, device, args.repeats)
+    mem_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
+
+    unet_args, unet_kwargs = capture_unet_inputs(pipe, data)
+    with torch.no_grad():
+        forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
+    return {
+        "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
+        "level": level, "bpp": 8 * len(data) / (img.width * img.height), "steps": steps, "repeats": args.repeats,
+        "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
+        "unet_params": count_params(pipe.unet), "compressor_params": count_params(pipe.compressor),
+        "unet_gflops": gflops(pipe.unet, unet_args, unet_kwargs),
+        "memory": {"kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+                   "before_mib": mem_before, "peak_mib": mem_peak},
+        "paper_unet": reference_unet(img.width, img.height, device, pipe.unet.dtype, args.repeats),
+    }
+
+
+def report(r: dict) -> str:
+    ref, m = r["paper_unet"], r["machine"]
+    return "\n".join([
+        f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads",
+        f"weights: {r['weights']}",
+        f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
+        f"encode        {r['encode_s']:.3f} s",
+        f"decode        {r['decode_s']:.3f} s at {r['steps']} steps = {r['decode_per_step_s']:.3f} s/step "
+        f"(UNet forward alone {r['unet_forward_s']:.3f} s)",
+        f"UNet          {r['unet_params'] / 1e6:.2f} M params, {r['unet_gflops']:.4g} GFLOPs/forward; "
+        f"compressor {r['compressor_params'] / 1e6:.2f} M params",
+        f"memory        {r['memory']['kind']}: {r['memory']['before_mib']:.0f} MiB before, "
+        f"{r['memory']['peak_mib']:.0f} MiB peak",
+        f"paper UNet    {ref['params'] / 1e6:.2f} M params, {ref['gflops']:.4g} GFLOPs/forward, "
+        f"{ref['forward_s']:.3f} s/forward ({ref['forward_s'] / r['unet_forward_s']:.1f}x ours)",
+    ])
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError("width and height must be positive")
+    return w, h
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of text")
+    p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint, else random weights)")
+    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    from app.pipeline import CheckpointError
+
+    try:
+        result = run(args)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(result) if args.json else report(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

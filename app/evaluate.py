@@ -1,0 +1,454 @@
+"""Rate-distortion evaluation of CDC against JPEG, WebP and AVIF.
+
+    python -m app.evaluate --data DIR --out results/kodak.json [--plot results/kodak.png]
+
+For every quality level and ρ, each image is compressed to a real ``.cdc`` file and decoded
+(seeded, so reruns give the same numbers); the rate is 8 · file bytes / pixels. The classical
+codecs are swept over ``app.classical.SWEEP_QUALITIES``. Comparisons:
+
+* equal rate: each classical codec's per-image curve is interpolated (PCHIP in log-bpp, no
+  extrapolation) at our per-image bpp, then averaged over the images where it reaches that rate;
+* BD-rate (Bjøntegaard) of ours vs each codec on the mean curves, PCHIP of log-rate over the
+  metric, for PSNR and for LPIPS (scored as −LPIPS so that higher is better); negative = we
+  need fewer bits for the same quality.
+
+The JSON holds the config, machine, per-image rows, means and comparisons; stdout gets a
+markdown table, progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app import classical
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+METRICS = ("psnr", "ms_ssim", "lpips")
+DEFAULT_RHOS = (0.0, 0.9)
+
+
+# -- curve maths (numpy only) -------------------------------------------------------------
+def _pchip_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Fritsch-Carlson derivatives, as scipy's PchipInterpolator (x strictly increasing)."""
+    h = np.diff(x)
+    delta = np.diff(y) / h
+    if len(x) == 2:
+        return np.array([delta[0], delta[0]])
+    d = np.zeros_like(y)
+    w1, w2 = 2 * h[1:] + h[:-1], h[1:] + 2 * h[:-1]
+    same_sign = delta[:-1] * delta[1:] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        harmonic = (w1 + w2) / (w1 / delta[:-1] + w2 / delta[1:])
+    d[1:-1] = np.where(same_sign, harmonic, 0.0)
+
+    def end(h0, h1, m0, m1):
+        s = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+        if np.sign(s) != np.sign(m0):
+            return 0.0
+        if np.sign(m0) != np.sign(m1) and abs(s) > abs(3 * m0):
+            return 3 * m0
+        return s
+
+    d[0] = end(h[0], h[1], delta[0], delta[1])
+    d[-1] = end(h[-1], h[-2], delta[-1], delta[-2])
+    return d
+
+
+def _segments(x: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k = np.clip(np.searchsorted(x, xq, side="right") - 1, 0, len(x) - 2)
+    h = x[k + 1] - x[k]
+    return k, h, (xq - x[k]) / h
+
+
+def pchip(x, y, xq) -> np.ndarray:
+    """Shape-preserving piecewise cubic interpolation of (x, y) at ``xq``."""
+    x, y, xq = (np.asarray(v, dtype=float) for v in (x, y, xq))
+    d = _pchip_slopes(x, y)
+    k, h, t = _segments(x, xq)
+    h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
+    h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
+    return h00 * y[k] + h10 * h * d[k] + h01 * y[k + 1] + h11 * h * d[k + 1]
+
+
+def pchip_integral(x, y, a: float, b: float) -> float:
+    """Exact integral over [a, b] (inside [x0, xn]) of the PCHIP interpolant of (x, y)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    d = _pchip_slopes(x, y)
+    hs = np.diff(x)
+    whole = hs * ((y[:-1] + y[1:]) / 2 + hs * (d[:-1] - d[1:]) / 12)  # each full segment
+
+    def antiderivative(xq: float) -> float:
+        k, h, t = (v[0] for v in _segments(x, np.asarray([xq])))
+        part = h * (
+            (t - t**3 + t**4 / 2) * y[k] + (t**2 / 2 - 2 * t**3 / 3 + t**4 / 4) * h * d[k]
+            + (t**3 - t**4 / 2) * y[k + 1] + (t**4 / 4 - t**3 / 3) * h * d[k + 1]
+        )
+        return float(whole[:k].sum() + part)
+
+    return antiderivative(b) - antiderivative(a)
+
+
+def _increasing(rates, qualities) -> tuple[np.ndarray, np.ndarray]:
+    """Points sorted by rate, keeping only those better than every cheaper one (the RD hull)."""
+    pairs = sorted((r, q) for r, q in zip(rates, qualities) if r is not None and q is not None and r > 0)
+    kept = []
+    for r, q in pairs:
+        if not kept or q > kept[-1][1]:
+            kept.append((r, q))
+    return np.array([p[0] for p in kept]), np.array([p[1] for p in kept])
+
+
+def bd_rate(rate_ref, quality_ref, rate_test, quality_test) -> float | None:
+    """Bjøntegaard delta rate of test vs ref in percent (negative: test needs fewer bits).
+
+    ``quality`` must be higher-is-better (pass −LPIPS for LPIPS). PCHIP of log-rate over
+    quality, averaged over the overlapping quality interval. None without 2 points per curve
+    or without overlap.
+    """
+    r1, q1 = _increasing(rate_ref, quality_ref)
+    r2, q2 = _increasing(rate_test, quality_test)
+    if len(q1) < 2 or len(q2) < 2:
+        return None
+    lo, hi = max(q1[0], q2[0]), min(q1[-1], q2[-1])
+    if hi <= lo:
+        return None
+    mean_diff = (pchip_integral(q2, np.log(r2), lo, hi) - pchip_integral(q1, np.log(r1), lo, hi)) / (hi - lo)
+    return 100.0 * math.expm1(mean_diff)
+
+
+def value_at_rate(bpps, values, bpp: float) -> float | None:
+    """PCHIP of ``values`` over log-bpp at ``bpp``; None outside the curve's rate range."""
+    points = sorted({b: v for b, v in zip(bpps, values) if v is not None and b > 0}.items())
+    if len(points) < 2 or not points[0][0] <= bpp <= points[-1][0]:
+        return None
+    b, v = zip(*points)
+    return float(pchip(np.log(b), v, np.log([bpp]))[0])
+
+
+# -- running --------------------------------------------------------------------------------
+def list_images(data: Path, limit: int | None) -> list[Path]:
+    if not data.is_dir():
+        raise SystemExit(f"error: --data {data} is not a folder")
+    paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {data}")
+    return paths[:limit] if limit else paths
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate_ours(pipe, images: dict, levels, rhos, steps: int, seed: int) -> list[dict]:
+    """One row per (image, level, ρ) with the real file's rate, metrics and timings."""
+    import torch
+
+    from app.bitstream import bits_per_pixel
+    from app.metrics import image_metrics
+
+    rows = []
+    for i, (name, img) in enumerate(images.items()):
+        for level in levels:
+            t0 = time.perf_counter()
+            data = pipe.compress(img, quality=level)
+            encode_s = time.perf_counter() - t0
+            for rho in rhos:
+                generator = torch.Generator().manual_seed(seed)  # CPU noise: same on any device
+                t0 = time.perf_counter()
+                out = pipe.decompress(data, num_inference_steps=steps, rho=rho, generator=generator, progress=False)
+                decode_s = time.perf_counter() - t0
+                rows.append({
+                    "codec": "cdc", "image": name, "level": level, "rho": rho, "bytes": len(data),
+                    "bpp": bits_per_pixel(data), **image_metrics(img, out), "encode_s": encode_s, "decode_s": decode_s,
+                })
+            _log(f"[cdc] {i + 1}/{len(images)} {name} level {level}: {rows[-1]['bpp']:.3f} bpp")
+    return rows
+
+
+def evaluate_classical(images: dict, codecs) -> list[dict]:
+    """One row per (codec, image, quality) of ``classical.sweep``."""
+    from app.metrics import image_metrics
+
+    rows = []
+    for codec in codecs:
+        for i, (name, img) in enumerate(images.items()):
+            for r in classical.sweep(img, codec):
+                rows.append({
+                    "codec": codec, "image": name, "quality": r.quality, "bytes": len(r.data), "bpp": r.bpp,
+                    **image_metrics(img, r.image), "encode_s": r.encode_s, "decode_s": r.decode_s,
+                })
+            _log(f"[{codec}] {i + 1}/{len(images)} {name}")
+    return rows
+
+
+# -- summaries ------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _setting(row: dict) -> tuple:
+    return (row["codec"], row.get("level"), row.get("rho"), row.get("quality"))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean of every numeric field per codec setting (level and ρ, or quality)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_setting(row), []).append(row)
+    means = []
+    for (codec, level, rho, quality), group in groups.items():
+        setting = {"codec": codec, **({"level": level, "rho": rho} if codec == "cdc" else {"quality": quality})}
+        fields = ("bytes", "bpp", *METRICS, "encode_s", "decode_s")
+        means.append({**setting, "n": len(group), **{f: _mean(r[f] for r in group) for f in fields}})
+    return means
+
+
+def equal_rate(rows: list[dict], codecs) -> list[dict]:
+    """Per (level, ρ): our means and each codec's PSNR/LPIPS interpolated at our per-image bpp.
+
+    A codec's ``n`` counts the images where it reaches our rate; ``ours_*`` are our means over
+    those same images, so each pair is compared on equal footing.
+    """
+    curves: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["codec"] != "cdc":
+            curves.setdefault((row["codec"], row["image"]), []).append(row)
+    out = []
+    for mean in (m for m in summarise(rows) if m["codec"] == "cdc"):
+        ours = [r for r in rows if _setting(r) == _setting(mean)]
+        entry = {k: mean[k] for k in ("level", "rho", "n", "bpp", *METRICS)}
+        for codec in codecs:
+            cmp = {"n": 0}
+            for metric in ("psnr", "lpips"):
+                pairs = []
+                for r in ours:
+                    curve = curves.get((codec, r["image"]), [])
+                    theirs = value_at_rate([c["bpp"] for c in curve], [c[metric] for c in curve], r["bpp"])
+                    if theirs is not None and r[metric] is not None:
+                        pairs.append((r[metric], theirs))
+                cmp["n"] = max(cmp["n"], len(pairs))
+                cmp[metric] = _mean(p[1] for p in pairs)
+                cmp[f"ours_{metric}"] = _mean(p[0] for p in pairs)
+            entry[codec] = cmp
+        out.append(entry)
+    return out
+
+
+def bd_rates(means: list[dict], codecs) -> list[dict]:
+    """BD-rate (%) of ours per ρ vs each codec, on mean curves, for PSNR and LPIPS."""
+    out = []
+    for rho in sorted({m["rho"] for m in means if m["codec"] == "cdc"}):
+        ours = sorted((m for m in means if m["codec"] == "cdc" and m["rho"] == rho), key=lambda m: m["level"])
+        for codec in codecs:
+            ref = [m for m in means if m["codec"] == codec]
+            entry = {"rho": rho, "codec": codec}
+            for metric, sign in (("psnr", 1), ("lpips", -1)):
+                ref_q, ours_q = ([None if m[metric] is None else sign * m[metric] for m in ms] for ms in (ref, ours))
+                entry[metric] = bd_rate([m["bpp"] for m in ref], ref_q, [m["bpp"] for m in ours], ours_q)
+            out.append(entry)
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------
+def _fmt(value, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _name(codec: str) -> str:
+    return {"webp": "WebP"}.get(codec, codec.upper())
+
+
+def markdown(result: dict) -> str:
+    """The README table: our operating points, the codecs at equal rate, and BD-rates."""
+    codecs = result["config"]["codecs"]
+    names = " / ".join(_name(c) for c in codecs)
+    means = {(m["level"], m["rho"]): m for m in result["means"] if m["codec"] == "cdc"}
+    head = "| level | ρ | bpp | PSNR | MS-SSIM | LPIPS | enc s | dec s |"
+    if codecs:
+        head += f" PSNR {names} at our bpp | LPIPS {names} at our bpp |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    partial = False
+    for e in result["equal_rate"]:
+        m = means[(e["level"], e["rho"])]
+        line = (f"| {e['level']} | {e['rho']:g} | {_fmt(e['bpp'], 3)} | {_fmt(e['psnr'], 2)} | {_fmt(e['ms_ssim'], 4)} "
+                f"| {_fmt(e['lpips'], 3)} | {_fmt(m['encode_s'], 2)} | {_fmt(m['decode_s'], 2)} |")
+        if codecs:
+            cells = {}
+            for metric, digits in (("psnr", 2), ("lpips", 3)):
+                parts = []
+                for c in codecs:
+                    star = "*" if 0 < e[c]["n"] < e["n"] else ""
+                    partial |= bool(star)
+                    parts.append(_fmt(e[c][metric], digits) + star)
+                cells[metric] = " / ".join(parts)
+            line += f" {cells['psnr']} | {cells['lpips']} |"
+        lines.append(line)
+    if codecs:
+        lines.append("\nClassical codecs interpolated at our per-image bpp (– where a codec cannot reach that rate"
+                     + ("; \\* only over the images where it can, see `n` in the JSON" if partial else "") + ").")
+    if result["bd_rate"]:
+        heads = " | ".join(f"BD-rate vs {_name(c)} (PSNR / LPIPS)" for c in codecs)
+        lines += ["", f"| ρ | {heads} |", "|---|" + "---|" * len(codecs)]
+        for rho in sorted({b["rho"] for b in result["bd_rate"]}):
+            cells = []
+            for c in codecs:
+                b = next(b for b in result["bd_rate"] if b["rho"] == rho and b["codec"] == c)
+                cells.append(" / ".join("–" if b[k] is None else f"{b[k]:+.1f}%" for k in ("psnr", "lpips")))
+            lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+        lines.append("\nBD-rate: bits we need vs the codec at equal PSNR or LPIPS on the mean curves (negative = we need"
+                     " fewer; – where the curves do not overlap).")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """bpp vs PSNR and bpp vs LPIPS for every codec, ours per ρ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = result["means"]
+    ours_max = max((m["bpp"] for m in means if m["codec"] == "cdc"), default=1.0)
+    xmax = max(1.0, 1.25 * ours_max)
+    series = [(_name(c), [m for m in means if m["codec"] == c], "--")
+              for c in result["config"]["codecs"]]
+    for rho in sorted({m["rho"] for m in means if m["codec"] == "cdc"}):
+        ms = [m for m in means if m["codec"] == "cdc" and m["rho"] == rho]
+        series.append((f"CDC ρ={rho:g}", sorted(ms, key=lambda m: m["level"]), "-"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in zip(axes, ("psnr", "lpips"), ("PSNR (dB) ↑", "LPIPS-alex ↓")):
+        for name, ms, style in series:
+            pts = sorted((m["bpp"], m[metric]) for m in ms if m[metric] is not None and m["bpp"] <= xmax)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=name)
+        ax.set(xlabel="bits per pixel", ylabel=label, xlim=(0, xmax))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{result['config']['data_name']}: {result['config']['num_images']} images, "
+                 f"{result['config']['steps']} decoding steps")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    """Platform, CPU, torch version and threads, and the GPU's name on CUDA."""
+    import torch
+
+    info = {
+        "platform": platform.platform(), "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _finite(obj):
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of images (e.g. Kodak)")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint)")
+    p.add_argument("--levels", type=int, nargs="+", help="quality levels (default: all)")
+    p.add_argument("--rhos", type=float, nargs="+", default=list(DEFAULT_RHOS), help="perceptual weights ρ")
+    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--codecs", nargs="*", default=list(classical.CODECS), choices=classical.CODECS,
+                   help="classical codecs to compare with (none: skip)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of every decode")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--plot", type=Path, help="PNG file for the rate-distortion plot")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    if any(not 0 <= r <= 1 for r in args.rhos):
+        p.error("--rhos must lie in [0, 1]")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    paths = list_images(args.data, args.limit)
+    from app.images import ImageError, load_image
+    from app.pipeline import DEFAULT_CHECKPOINT, CheckpointError, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.checkpoint, device=args.device)
+    except (CheckpointError, ValueError) as e:  # ValueError: --device cuda without CUDA
+        raise SystemExit(f"error: {e}") from None
+    levels = list(range(pipe.num_quality_levels)) if args.levels is None else args.levels
+    bad = [lv for lv in levels if not 0 <= lv < pipe.num_quality_levels]
+    if bad:
+        raise SystemExit(f"error: levels {bad} out of range 0..{pipe.num_quality_levels - 1}")
+    steps = args.steps or pipe.default_num_inference_steps
+    try:
+        images = {p.name: load_image(p) for p in paths}
+    except ImageError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    t0 = time.perf_counter()
+    rows = evaluate_ours(pipe, images, levels, args.rhos, steps, args.seed)
+    rows += evaluate_classical(images, args.codecs)
+    means = summarise(rows)
+    result = {
+        "config": {
+            "data": str(args.data), "data_name": args.data.name, "num_images": len(images),
+            "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT), "model_id": pipe.model_id.hex(),
+            "levels": levels, "rhos": args.rhos, "steps": steps, "seed": args.seed,
+            "codecs": args.codecs, "qualities": {c: list(classical.SWEEP_QUALITIES[c]) for c in args.codecs},
+        },
+        "machine": machine_info(args.device),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "images": [{"name": n, "width": im.width, "height": im.height} for n, im in images.items()],
+        "rows": rows,
+        "means": means,
+        "equal_rate": equal_rate(rows, args.codecs),
+        "bd_rate": bd_rates(means, args.codecs),
+    }
+    result["elapsed_s"] = time.perf_counter() - t0
+    result = _finite(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    print(markdown(result))
+    _log(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else "") + f" in {result['elapsed_s']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

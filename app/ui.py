@@ -1,0 +1,190 @@
+"""The Gradio page: compress an image (metrics, classical codecs at the same size) and decompress a ``.cdc`` file.
+
+Handlers are module-level functions taking the pipeline as first argument, so tests can call
+them without a browser; :func:`build_demo` binds them to one loaded pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from app import classical, metrics
+from app.bitstream import BitstreamError, bits_per_pixel, unpack
+from app.images import ImageError, load_image
+
+MAX_SIDE = 2048
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # lower than the CLI's limit: the Space decodes on a CPU
+MAX_STEPS = 20
+MAX_SAMPLES = 4
+QUEUE_SIZE = 8
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLES = sorted(p for p in ASSETS.iterdir() if p.suffix in (".jpg", ".png"))
+CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+
+
+def quality_choices(pipe, checkpoint=None) -> list[tuple[str, int]]:
+    """(label, level) pairs; labels carry the typical bpp when ``quality_levels.json`` provides it."""
+    bpp = []
+    if checkpoint is not None and (Path(checkpoint) / "quality_levels.json").is_file():
+        bpp = json.loads((Path(checkpoint) / "quality_levels.json").read_text())["bpp"]
+    return [
+        (f"level {k} · ~{bpp[k]:.2f} bpp" if k < len(bpp) else f"level {k}", k)
+        for k in range(pipe.num_quality_levels)
+    ]
+
+
+def _error(message: str) -> gr.Error:
+    return gr.Error(html.escape(message), print_exception=False)
+
+
+def _generator(seed) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(int(seed or 0))
+
+
+def _fmt(value, digits: int) -> str:
+    return "unavailable" if value is None else f"{value:.{digits}f}"
+
+
+def _row(name: str, setting: str, data: bytes, bpp: float, m: dict) -> str:
+    return (f"| {name} | {setting} | {len(data):,} | {bpp:.3f} | {_fmt(m['psnr'], 2)} "
+            f"| {_fmt(m['ms_ssim'], 4)} | {_fmt(m['lpips'], 4)} |")
+
+
+def compress(pipe, image, quality, rho, steps, seed, progress=gr.Progress(track_tqdm=True)):
+    """Encode the image at path ``image``, decode, compare.
+
+    Returns (slider pair, readout markdown, classical gallery, .cdc path)."""
+    if isinstance(image, dict):  # the page's event skips preprocessing: Gradio would open the upload itself
+        image = image["path"]
+    if image is None:
+        raise _error("Upload an image or pick an example first.")
+    try:
+        original = load_image(image, max_pixels=MAX_PIXELS)
+    except ImageError as e:  # name the upload, not the server's copy of it
+        raise _error(f"Cannot use this image: {str(e).replace(str(image), Path(image).name)}.") from None
+    progress(0, desc="Encoding")
+    t0 = time.perf_counter()
+    data = pipe.compress(original, int(quality))
+    encode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recon = pipe.decompress(data, num_inference_steps=int(steps), rho=float(rho), generator=_generator(seed))
+    decode_s = time.perf_counter() - t0
+    bpp = bits_per_pixel(data)
+
+    progress(1, desc="Metrics and classical codecs")
+    rows = [_row("**CDC**", f"level {int(quality)}", data, bpp, metrics.image_metrics(original, recon))]
+    gallery = []
+    for codec in classical.CODECS:
+        name = CODEC_NAMES[codec]
+        result = classical.encode_at_most(original, codec, len(data))
+        if result is None:
+            rows.append(f"| {name} | no file ≤ {len(data):,} bytes | | | | | |")
+            continue
+        rows.append(_row(name, f"quality {result.quality}", result.data, result.bpp,
+                         metrics.image_metrics(original, result.image)))
+        gallery.append((result.image, f"{name} q={result.quality}: {len(result.data):,} bytes, {result.bpp:.3f} bpp"))
+
+    readout = "\n".join([
+        f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
+        f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s "
+        f"({int(steps)} steps, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
+        "",
+        "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])
+    path = Path(tempfile.mkdtemp(prefix="cdc-")) / f"{Path(image).stem}.cdc"
+    path.write_bytes(data)
+    return (original, recon), readout, gallery, str(path)
+
+
+def decompress(pipe, file, steps, rho, seed, samples, progress=gr.Progress(track_tqdm=True)):
+    """Decode a ``.cdc`` file with ``samples`` consecutive seeds. Returns (gallery, info markdown)."""
+    if file is None:
+        raise _error("Upload a .cdc file first.")
+    data = Path(file).read_bytes()
+    try:
+        header, _, _ = unpack(data)
+    except BitstreamError as e:
+        raise _error(f"Cannot decode this file: {e}.") from None
+    if header.width * header.height > MAX_PIXELS:
+        raise _error(f"The file holds a {header.width}×{header.height} image; this demo decodes up to "
+                     f"{MAX_PIXELS:,} pixels ({MAX_SIDE}×{MAX_SIDE}).")
+    seeds = [int(seed or 0) + k for k in range(int(samples))]
+    images = []
+    t0 = time.perf_counter()
+    for s in seeds:
+        try:
+            img = pipe.decompress(data, num_inference_steps=int(steps), rho=float(rho), generator=_generator(s))
+        except BitstreamError as e:
+            raise _error(f"Cannot decode this file: {e}.") from None
+        images.append((img, f"seed {s}"))
+    seconds = (time.perf_counter() - t0) / len(seeds)
+    info = (f"{header.width}×{header.height}, quality level {header.quality}, {len(data):,} bytes = "
+            f"**{bits_per_pixel(data):.3f} bpp** — {seconds:.2f} s per decode "
+            f"({int(steps)} steps, ρ = {float(rho):.2f})")
+    return images, info
+
+
+def build_demo(pipe, checkpoint=None) -> gr.Blocks:
+    """The page for one loaded pipeline (``checkpoint``: its folder, for the bitrate labels)."""
+    steps_max = max(MAX_STEPS, pipe.default_num_inference_steps)
+    with gr.Blocks(title="CDC — lossy compression with a conditional diffusion decoder",
+                   analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# CDC: lossy image compression with conditional diffusion models\n"
+            "An encoder and hyperprior write a real `.cdc` file; a conditional diffusion model decodes it in a few "
+            "steps (Yang & Mandt, NeurIPS 2023). ρ trades distortion for realism: 0 gives the highest PSNR "
+            "(smoother), 1 the most realistic texture, synthesised by the decoder."
+        )
+        with gr.Tab("Compress"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(label="Image", type="filepath", image_mode=None, format="png",
+                                     sources=["upload", "clipboard"], elem_id="input-image")
+                    gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], cache_examples=False)
+                    choices = quality_choices(pipe, checkpoint)
+                    quality = gr.Radio(choices, value=choices[len(choices) // 2][1], label="Bitrate")
+                    rho = gr.Slider(0, 1, value=0.9, step=0.05, label="ρ (0 = low distortion, 1 = realism)")
+                    steps = gr.Slider(1, steps_max, value=pipe.default_num_inference_steps, step=1,
+                                      label="Decoding steps")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    run = gr.Button("Compress", variant="primary", elem_id="compress-button")
+                with gr.Column(scale=2):
+                    slider = gr.ImageSlider(label="Original | CDC reconstruction", type="pil", format="png",
+                                            max_height=720)
+                    readout = gr.Markdown(elem_id="readout")
+                    cdc_file = gr.File(label="The .cdc file", elem_id="cdc-download")
+            gr.Markdown("### The same image with classical codecs, at the largest file not exceeding ours")
+            classical_gallery = gr.Gallery(label="JPEG, WebP, AVIF", format="png", columns=3, height="auto",
+                                           object_fit="contain")
+            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, seed],
+                      [slider, readout, classical_gallery, cdc_file], api_name="compress", preprocess=False)
+
+        with gr.Tab("Decompress"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    upload = gr.File(label=".cdc file", file_types=[".cdc"], type="filepath", elem_id="cdc-upload")
+                    d_steps = gr.Slider(1, steps_max, value=pipe.default_num_inference_steps, step=1,
+                                        label="Decoding steps")
+                    d_rho = gr.Slider(0, 1, value=0.9, step=0.05, label="ρ")
+                    d_seed = gr.Number(0, precision=0, minimum=0, label="First seed")
+                    samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1,
+                                        label="Samples (consecutive seeds: the texture the decoder synthesises)")
+                    d_run = gr.Button("Decompress", variant="primary", elem_id="decompress-button")
+                with gr.Column(scale=2):
+                    d_gallery = gr.Gallery(label="Decoded", format="png", columns=2, height="auto",
+                                           object_fit="contain")
+                    d_info = gr.Markdown(elem_id="decode-info")
+            d_run.click(functools.partial(decompress, pipe), [upload, d_steps, d_rho, d_seed, samples],
+                        [d_gallery, d_info], api_name="decompress")
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo

@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app import bench
+
+
+def test_synthetic_image_is_deterministic():
+    a, b = bench.synthetic_image(96, 64), bench.synthetic_image(96, 64)
+    assert a.size == (96, 64) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(a).std() > 20  # not a flat card
+
+
+def test_timed_takes_the_median():
+    calls = []
+    seconds, out = bench.timed(lambda: calls.append(1) or len(calls), torch.device("cpu"), 3)
+    assert len(calls) == 4 and out == 4 and seconds >= 0  # warm-up + 3
+
+
+def test_gflops_of_a_conv():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    x = torch.zeros(1, 3, 16, 16)
+    assert bench.gflops(conv, (x,), {}) == pytest.approx(2 * 16 * 16 * 8 * 3 * 9 / 1e9)
+
+
+def test_bad_size():
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "64by64"])
+
+
+def test_bench_json(tiny_pipeline_dir, capsys):
+    result = bench.main(["--json", "--checkpoint", str(tiny_pipeline_dir), "--size", "64x64", "--steps", "2",
+                         "--repeats", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))
+    assert result["weights"] == "checkpoint" and result["image"] == "64x64" and result["steps"] == 2
+    assert result["encode_s"] > 0 and result["decode_s"] > 0
+    assert result["decode_per_step_s"] == pytest.approx(result["decode_s"] / 2)
+    assert result["unet_params"] > 0 and result["unet_gflops"] > 0
+    assert result["memory"]["peak_mib"] > 0
+    ref = result["paper_unet"]
+    assert ref["config"]["block_out_channels"] == [64, 128, 192, 256, 320, 384]
+    assert ref["params"] > result["unet_params"] and ref["gflops"] > 0 and ref["forward_s"] > 0
+
+
+def test_bench_text_with_random_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("app.pipeline.DEFAULT_CHECKPOINT", tmp_path / "none")
+    bench.main(["--size", "64x64", "--steps", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "random" in out and "paper UNet" in out
