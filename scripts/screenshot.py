@@ -1,6 +1,6 @@
 """Screenshot the served page for the README: start ``app.py``, compress an example, save a full-page PNG.
 
-    python scripts/screenshot.py [--checkpoint DIR] [--image assets/chelsea.png] [--out docs/screenshot.png]
+    python scripts/screenshot.py [--checkpoint DIR] [--image assets/chelsea.png] [--out docs/screenshot.png]; the README shows it converted to JPEG
 
 Needs Debian's ``chromium`` and ``chromium-driver``. ``serve``, ``browser`` and ``compress``
 are shared with tests/test_browser.py.
@@ -126,7 +126,9 @@ def main() -> None:
         driver.set_window_size(args.width, height + 100)
         driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(1)
-        driver.save_screenshot(str(args.out))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if not driver.save_screenshot(str(args.out)):
+            raise SystemExit(f"error: could not write {args.out}")
     print(f"wrote {args.out}")
 
 
