@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from app import classical
+from app.images import image_files
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 METRICS = ("psnr", "ms_ssim", "lpips")
 DEFAULT_RHOS = (0.0, 0.9)
 
@@ -137,11 +137,7 @@ def value_at_rate(bpps, values, bpp: float) -> float | None:
 
 # -- running --------------------------------------------------------------------------------
 def list_images(data: Path, limit: int | None) -> list[Path]:
-    if not data.is_dir():
-        raise SystemExit(f"error: --data {data} is not a folder")
-    paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {data}")
+    paths = image_files(data)
     return paths[:limit] if limit else paths
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 4096 * 4096
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 class ImageError(ValueError):
@@ -48,6 +50,17 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError(f"cannot decode image: {e}") from None
     img.info = {}  # pixels only: no ICC/EXIF/XMP travels into any encoder (keeps codec comparisons fair)
     return img
+
+
+def image_files(folder, recursive: bool = False) -> list[Path]:
+    """Sorted image files (by suffix) in ``folder``; SystemExit with one line if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder} is not a folder")
+    paths = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -121,6 +121,11 @@ class CDCPipeline(DiffusionPipeline):
             self._coder = coder
         return self._coder
 
+    def weights_changed(self) -> None:
+        """Forget what was derived from the weights (CDF tables, model id); call after changing them."""
+        self._coder = None
+        self._model_id = None
+
     def to(self, *args, **kwargs):
         self._coder = None
         return super().to(*args, **kwargs)

@@ -32,27 +32,23 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from .images import load_image
+from .images import image_files, load_image
 from .metrics import load_lpips, psnr
 from .models import CDCCompressor, CDCUNet
 from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
 
 
-def image_files(folders) -> list[Path]:
-    files = sorted(p for d in folders for p in Path(d).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SystemExit(f"error: no images found in {', '.join(map(str, folders))}")
-    return files
+def image_files_in(folders) -> list[Path]:
+    return [p for d in folders for p in image_files(d, recursive=True)]
 
 
 def pack(folders, out: Path, short_side: int, quality: int) -> None:
     """Downscale every image so its short side is ``short_side`` and store it as JPEG (compact, for the GPU machine)."""
     out.mkdir(parents=True, exist_ok=True)
     total = 0
-    for i, path in enumerate(image_files(folders)):
+    for i, path in enumerate(image_files_in(folders)):
         img = load_image(path)
         scale = short_side / min(img.size)
         if scale < 1:
@@ -105,7 +101,7 @@ def build_pipeline(args) -> CDCPipeline:
 @torch.no_grad()
 def validate(pipe: CDCPipeline, images, levels, steps: int) -> dict:
     """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0."""
-    pipe._coder = None  # rebuild CDFs from the current weights
+    pipe.weights_changed()
     rows = {}
     for q in levels:
         bpps, psnrs = [], []
@@ -115,7 +111,7 @@ def validate(pipe: CDCPipeline, images, levels, steps: int) -> dict:
             bpps.append(8 * len(data) / (img.width * img.height))
             psnrs.append(psnr(img, recon))
         rows[f"q{q}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
-    pipe._coder = None
+    pipe.weights_changed()
     return rows
 
 
@@ -198,8 +194,8 @@ def main(argv=None) -> None:
     compressor.train()
     unet.train()
     lpips_model = load_lpips(args.lpips_net, device=device)
-    sampler = CropSampler(image_files(args.data), args.crop, device, args.seed)
-    val_images = [load_image(p) for p in image_files([args.val])[: args.val_count]] if args.val else []
+    sampler = CropSampler(image_files_in(args.data), args.crop, device, args.seed)
+    val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val else []
     print(f"{len(sampler.images)} training images, {len(val_images)} validation images, device {device}", flush=True)
 
     main_params, aux_params = split_parameters(compressor, unet)
@@ -271,15 +267,14 @@ def main(argv=None) -> None:
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
             if step > 1:
-                backup = [p.detach().clone() for p in all_params]
+                ema.store(all_params)
                 ema.copy_to(all_params)
                 compressor.eval()
                 unet.eval()
                 row = {"step": step, "minutes": round(elapsed / 60, 3), "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2), pipe.default_num_inference_steps)}
                 compressor.train()
                 unet.train()
-                for p, b in zip(all_params, backup):
-                    p.data.copy_(b)
+                ema.restore(all_params)
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
         if elapsed >= next_save and step > 1:
