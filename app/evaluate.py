@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
 
 from app import classical
 from app.images import image_files
@@ -37,67 +38,7 @@ METRICS = ("psnr", "ms_ssim", "lpips")
 DEFAULT_RHOS = (0.0, 0.9)
 
 
-# -- curve maths (numpy only) -------------------------------------------------------------
-def _pchip_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Fritsch-Carlson derivatives, as scipy's PchipInterpolator (x strictly increasing)."""
-    h = np.diff(x)
-    delta = np.diff(y) / h
-    if len(x) == 2:
-        return np.array([delta[0], delta[0]])
-    d = np.zeros_like(y)
-    w1, w2 = 2 * h[1:] + h[:-1], h[1:] + 2 * h[:-1]
-    same_sign = delta[:-1] * delta[1:] > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        harmonic = (w1 + w2) / (w1 / delta[:-1] + w2 / delta[1:])
-    d[1:-1] = np.where(same_sign, harmonic, 0.0)
-
-    def end(h0, h1, m0, m1):
-        s = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
-        if np.sign(s) != np.sign(m0):
-            return 0.0
-        if np.sign(m0) != np.sign(m1) and abs(s) > abs(3 * m0):
-            return 3 * m0
-        return s
-
-    d[0] = end(h[0], h[1], delta[0], delta[1])
-    d[-1] = end(h[-1], h[-2], delta[-1], delta[-2])
-    return d
-
-
-def _segments(x: np.ndarray, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    k = np.clip(np.searchsorted(x, xq, side="right") - 1, 0, len(x) - 2)
-    h = x[k + 1] - x[k]
-    return k, h, (xq - x[k]) / h
-
-
-def pchip(x, y, xq) -> np.ndarray:
-    """Shape-preserving piecewise cubic interpolation of (x, y) at ``xq``."""
-    x, y, xq = (np.asarray(v, dtype=float) for v in (x, y, xq))
-    d = _pchip_slopes(x, y)
-    k, h, t = _segments(x, xq)
-    h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
-    h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
-    return h00 * y[k] + h10 * h * d[k] + h01 * y[k + 1] + h11 * h * d[k + 1]
-
-
-def pchip_integral(x, y, a: float, b: float) -> float:
-    """Exact integral over [a, b] (inside [x0, xn]) of the PCHIP interpolant of (x, y)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    d = _pchip_slopes(x, y)
-    hs = np.diff(x)
-    whole = hs * ((y[:-1] + y[1:]) / 2 + hs * (d[:-1] - d[1:]) / 12)  # each full segment
-
-    def antiderivative(xq: float) -> float:
-        k, h, t = (v[0] for v in _segments(x, np.asarray([xq])))
-        part = h * (
-            (t - t**3 + t**4 / 2) * y[k] + (t**2 / 2 - 2 * t**3 / 3 + t**4 / 4) * h * d[k]
-            + (t**3 - t**4 / 2) * y[k + 1] + (t**4 / 4 - t**3 / 3) * h * d[k + 1]
-        )
-        return float(whole[:k].sum() + part)
-
-    return antiderivative(b) - antiderivative(a)
-
-
+# -- curve maths ---------------------------------------------------------------------------
 def _increasing(rates, qualities) -> tuple[np.ndarray, np.ndarray]:
     """Points sorted by rate, keeping only those better than every cheaper one (the RD hull)."""
     pairs = sorted((r, q) for r, q in zip(rates, qualities) if r is not None and q is not None and r > 0)
@@ -122,7 +63,8 @@ def bd_rate(rate_ref, quality_ref, rate_test, quality_test) -> float | None:
     lo, hi = max(q1[0], q2[0]), min(q1[-1], q2[-1])
     if hi <= lo:
         return None
-    mean_diff = (pchip_integral(q2, np.log(r2), lo, hi) - pchip_integral(q1, np.log(r1), lo, hi)) / (hi - lo)
+    mean_diff = (PchipInterpolator(q2, np.log(r2)).integrate(lo, hi)
+                 - PchipInterpolator(q1, np.log(r1)).integrate(lo, hi)) / (hi - lo)
     return 100.0 * math.expm1(mean_diff)
 
 
@@ -132,7 +74,7 @@ def value_at_rate(bpps, values, bpp: float) -> float | None:
     if len(points) < 2 or not points[0][0] <= bpp <= points[-1][0]:
         return None
     b, v = zip(*points)
-    return float(pchip(np.log(b), v, np.log([bpp]))[0])
+    return float(PchipInterpolator(np.log(b), v)(np.log(bpp)))
 
 
 # -- running --------------------------------------------------------------------------------

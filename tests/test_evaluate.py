@@ -10,24 +10,6 @@ RATES = np.array([0.1, 0.2, 0.4, 0.8, 1.6])
 PSNR = np.array([25.0, 28.0, 31.5, 34.0, 37.0])
 
 
-def test_pchip_matches_scipy():
-    interpolate = pytest.importorskip("scipy.interpolate")
-    rng = np.random.default_rng(0)
-    for n in (2, 3, 5, 9):
-        x = np.sort(rng.uniform(0, 10, n))
-        y = rng.normal(size=n)
-        ref = interpolate.PchipInterpolator(x, y)
-        xq = np.linspace(x[0], x[-1], 57)
-        np.testing.assert_allclose(evaluate.pchip(x, y, xq), ref(xq), atol=1e-12)
-        a, b = x[0] + 0.2 * (x[-1] - x[0]), x[-1] - 0.01
-        assert evaluate.pchip_integral(x, y, a, b) == pytest.approx(ref.integrate(a, b), abs=1e-10)
-
-
-def test_pchip_integral_of_a_line():
-    x, y = [0.0, 1.0, 3.0, 4.0], [0.0, 2.0, 6.0, 8.0]
-    assert evaluate.pchip_integral(x, y, 0.5, 3.5) == pytest.approx(12.0)
-
-
 def test_bd_rate_identical_curves_is_zero():
     assert evaluate.bd_rate(RATES, PSNR, RATES, PSNR) == pytest.approx(0.0, abs=1e-9)
 
