@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from app.bitstream import bits_per_pixel
 from app.evaluate import machine_info
 
 PAPER_UNET = {"unshuffle": 1, "block_out_channels": (64, 128, 192, 256, 320, 384), "cond_image": False}
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
     return {
         "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
-        "level": level, "bpp": 8 * len(data) / (img.width * img.height), "steps": steps, "repeats": args.repeats,
+        "level": level, "bpp": bits_per_pixel(data), "steps": steps, "repeats": args.repeats,
         "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
         "unet_params": count_params(pipe.unet), "compressor_params": count_params(pipe.compressor),
         "unet_gflops": gflops(pipe.unet, unet_args, unet_kwargs),

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
+from .bitstream import bits_per_pixel
 from .images import image_files, load_image
 from .metrics import load_lpips, psnr
 from .models import CDCCompressor, CDCUNet
@@ -108,7 +108,7 @@ def validate(pipe: CDCPipeline, images, levels, steps: int) -> dict:
         for img in images:
             data = pipe.compress(img, q)
             recon = pipe.decompress(data, steps, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
-            bpps.append(8 * len(data) / (img.width * img.height))
+            bpps.append(bits_per_pixel(data))
             psnrs.append(psnr(img, recon))
         rows[f"q{q}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
     pipe.weights_changed()
