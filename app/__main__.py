@@ -1,7 +1,7 @@
 """Command line codec.
 
     python -m app compress INPUT OUTPUT.cdc [--quality N] [--checkpoint DIR] [--device cpu|cuda]
-    python -m app decompress INPUT.cdc OUTPUT.png [--steps K] [--rho R] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
+    python -m app decompress INPUT.cdc OUTPUT.png [--rho R] [--steps K] [--noise-scale G] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
     python -m app info INPUT.cdc
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors).
@@ -53,7 +53,7 @@ def decompress(args) -> None:
         raise ValueError("OUTPUT must be a .png file (lossless)")
     pipe = load_pipeline(args.checkpoint, args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    image = pipe.decompress(data, args.steps, args.rho, generator)
+    image = pipe.decompress(data, args.steps, args.rho, generator, args.noise_scale)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     _write(args.output, buffer.getvalue())
@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompress", help=".cdc → PNG")
     d.add_argument("input")
     d.add_argument("output")
-    d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     d.add_argument("--rho", type=float, default=0.9, help="perceptual weight ρ in [0, 1] (0 = lowest MSE)")
+    d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's tuned value at ρ)")
+    d.add_argument("--noise-scale", type=float, default=None, metavar="G",
+                   help="initial noise scale γ in [0, 1] (default: the model's tuned value at ρ)")
     d.add_argument("--seed", type=int, default=0)
     for p in (c, d):
         p.add_argument("--checkpoint", default=None, help="pipeline folder (default: checkpoints/cdc)")

@@ -1,6 +1,6 @@
 """Speed, size and memory of the codec on one image (timing only, never quality).
 
-    python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--steps K] [--size 768x512] [--repeats 3]
+    python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--rho R] [--steps K] [--size 768x512] [--repeats 3]
 
 The image is a deterministic synthetic one. Without a checkpoint the default configuration
 runs with random weights (labelled so): the speed is the same, the picture is not. Each timing
@@ -129,7 +129,8 @@ def load(checkpoint: str | None, device: str):
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pipe, weights = load(args.checkpoint, args.device)
-    steps = args.steps or pipe.default_num_inference_steps
+    steps, noise_scale = pipe.decode_settings(args.rho)
+    steps = args.steps or steps
     level = pipe.num_quality_levels // 2
     img = synthetic_image(*args.size)
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def decode():
         gen = torch.Generator().manual_seed(0)
-        return pipe.decompress(data, num_inference_steps=steps, generator=gen, progress=False)
+        return pipe.decompress(data, steps, args.rho, gen, noise_scale, progress=False)
 
     decode_s, _ = timed(decode, device, args.repeats)
     mem_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
         forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
     return {
         "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
-        "level": level, "bpp": bits_per_pixel(data), "steps": steps, "repeats": args.repeats,
+        "level": level, "bpp": bits_per_pixel(data), "rho": args.rho, "steps": steps, "noise_scale": noise_scale, "repeats": args.repeats,
         "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
         "unet_params": count_params(pipe.unet), "compressor_params": count_params(pipe.compressor),
         "unet_gflops": gflops(pipe.unet, unet_args, unet_kwargs),
@@ -169,7 +170,8 @@ def report(r: dict) -> str:
         f"weights: {r['weights']}",
         f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
         f"encode        {r['encode_s']:.3f} s",
-        f"decode        {r['decode_s']:.3f} s at {r['steps']} steps = {r['decode_per_step_s']:.3f} s/step "
+        f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, {r['steps']} steps, γ = {r['noise_scale']:g}: "
+        f"{r['decode_per_step_s']:.3f} s/step "
         f"(UNet forward alone {r['unet_forward_s']:.3f} s)",
         f"UNet          {r['unet_params'] / 1e6:.2f} M params, {r['unet_gflops']:.4g} GFLOPs/forward; "
         f"compressor {r['compressor_params'] / 1e6:.2f} M params",
@@ -195,12 +197,15 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object (last line) instead of text")
     p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint, else random weights)")
-    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--rho", type=float, default=0.9, help="perceptual weight ρ of the timed decode (default 0.9)")
+    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value at ρ)")
     p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
+    if not 0 <= args.rho <= 1:
+        p.error("--rho must lie in [0, 1]")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

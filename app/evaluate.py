@@ -87,8 +87,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def evaluate_ours(pipe, images: dict, levels, rhos, steps: int, seed: int) -> list[dict]:
-    """One row per (image, level, ρ) with the real file's rate, metrics and timings."""
+def decode_plan(pipe, rhos, steps: int | None, noise_scale: float | None) -> dict:
+    """ρ → (K, γ): the pipeline's tuned values where ``steps`` / ``noise_scale`` are None."""
+    plan = {}
+    for rho in rhos:
+        k, g = pipe.decode_settings(rho)
+        plan[rho] = (steps or k, g if noise_scale is None else noise_scale)
+    return plan
+
+
+def evaluate_ours(pipe, images: dict, levels, plan: dict, seed: int) -> list[dict]:
+    """One row per (image, level, ρ) with the real file's rate, metrics and timings; ``plan``: ρ → (K, γ)."""
     import torch
 
     from app.bitstream import bits_per_pixel
@@ -100,10 +109,10 @@ def evaluate_ours(pipe, images: dict, levels, rhos, steps: int, seed: int) -> li
             t0 = time.perf_counter()
             data = pipe.compress(img, quality=level)
             encode_s = time.perf_counter() - t0
-            for rho in rhos:
+            for rho, (steps, noise_scale) in plan.items():
                 generator = torch.Generator().manual_seed(seed)  # CPU noise: same on any device
                 t0 = time.perf_counter()
-                out = pipe.decompress(data, num_inference_steps=steps, rho=rho, generator=generator, progress=False)
+                out = pipe.decompress(data, steps, rho, generator, noise_scale, progress=False)
                 decode_s = time.perf_counter() - t0
                 rows.append({
                     "codec": "cdc", "image": name, "level": level, "rho": rho, "bytes": len(data),
@@ -274,7 +283,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{result['config']['data_name']}: {result['config']['num_images']} images, "
-                 f"{result['config']['steps']} decoding steps")
+                 + ", ".join(f"ρ={d['rho']:g}: K={d['steps']}, γ={d['noise_scale']:g}" for d in result["config"]["decode"]))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -321,7 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint)")
     p.add_argument("--levels", type=int, nargs="+", help="quality levels (default: all)")
     p.add_argument("--rhos", type=float, nargs="+", default=list(DEFAULT_RHOS), help="perceptual weights ρ")
-    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's)")
+    p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value per ρ)")
+    p.add_argument("--noise-scale", type=float, help="initial noise scale γ (default: the pipeline's tuned value per ρ)")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--codecs", nargs="*", default=list(classical.CODECS), choices=classical.CODECS,
                    help="classical codecs to compare with (none: skip)")
@@ -333,6 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--limit must be at least 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.noise_scale is not None and not 0 <= args.noise_scale <= 1:
+        p.error("--noise-scale must lie in [0, 1]")
     if any(not 0 <= r <= 1 for r in args.rhos):
         p.error("--rhos must lie in [0, 1]")
     return args
@@ -352,21 +364,22 @@ def main(argv=None) -> dict:
     bad = [lv for lv in levels if not 0 <= lv < pipe.num_quality_levels]
     if bad:
         raise SystemExit(f"error: levels {bad} out of range 0..{pipe.num_quality_levels - 1}")
-    steps = args.steps or pipe.default_num_inference_steps
+    plan = decode_plan(pipe, args.rhos, args.steps, args.noise_scale)
     try:
         images = {p.name: load_image(p) for p in paths}
     except ImageError as e:
         raise SystemExit(f"error: {e}") from None
 
     t0 = time.perf_counter()
-    rows = evaluate_ours(pipe, images, levels, args.rhos, steps, args.seed)
+    rows = evaluate_ours(pipe, images, levels, plan, args.seed)
     rows += evaluate_classical(images, args.codecs)
     means = summarise(rows)
     result = {
         "config": {
             "data": str(args.data), "data_name": args.data.name, "num_images": len(images),
             "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT), "model_id": pipe.model_id.hex(),
-            "levels": levels, "rhos": args.rhos, "steps": steps, "seed": args.seed,
+            "levels": levels, "rhos": args.rhos, "seed": args.seed,
+            "decode": [{"rho": r, "steps": k, "noise_scale": g} for r, (k, g) in plan.items()],
             "codecs": args.codecs, "qualities": {c: list(classical.SWEEP_QUALITIES[c]) for c in args.codecs},
         },
         "machine": machine_info(args.device),

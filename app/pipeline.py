@@ -1,8 +1,10 @@
 """``CDCPipeline``: image → ``.cdc`` bytes → image, with a conditional diffusion decoder.
 
-Decoding follows Yang & Mandt (2023), Alg. 2: x_N = ε, then for each of the K scheduler steps the
+Decoding follows Yang & Mandt (2023), Alg. 2: x_N = γ·ε, then for each of the K scheduler steps the
 UNet predicts x̂0 = f(x_n, n, ρ, content(ŷ)) (X-parameterisation) and the scheduler (DDIM by
-default) moves to x_{n-1}; the last x̂0 is the reconstruction.
+default) moves to x_{n-1}; the last x̂0 is the reconstruction. γ ≤ 1 scales the initial noise (the
+official CDC code decodes with γ = 0.8). K and γ default to values measured per ρ by ``app.tune``
+and stored in the pipeline's config.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -35,16 +37,32 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint folder that is missing or cannot be loaded."""
 
 
-def make_scheduler() -> DDIMScheduler:
-    """The paper's sampler: cosine schedule, x0 prediction, clipped x̂0, trailing timesteps (start at t=T)."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
-        prediction_type="sample",
-        clip_sample=True,
-        set_alpha_to_one=True,
-        timestep_spacing="trailing",
-    )
+SCHEDULERS = ("ddim", "dpmpp")
+TIMESTEP_SPACINGS = ("trailing", "linspace")
+# Before tuning: what the first checkpoint decoded with at every ρ.
+UNTUNED_DECODE = ({"rho": 0.0, "num_inference_steps": 4, "noise_scale": 1.0},)
+
+
+def make_scheduler(name: str = "ddim", timestep_spacing: str = "trailing"):
+    """A sampler on the training schedule (cosine, x0 prediction): DDIM (the paper's) or DPM-Solver++(2M).
+
+    ``trailing`` spacing starts K steps at t = T; ``linspace`` spans T…0.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                  timestep_spacing=timestep_spacing)
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True)
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                       lower_order_final=True, final_sigmas_type="zero")
+
+
+def scheduler_name(scheduler) -> str:
+    """The :data:`SCHEDULERS` name of a scheduler instance."""
+    return "dpmpp" if isinstance(scheduler, DPMSolverMultistepScheduler) else "ddim"
 
 
 def image_to_tensor(img: PIL.Image.Image) -> torch.Tensor:
@@ -73,10 +91,11 @@ class CDCPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "compressor->unet"
 
-    def __init__(self, compressor: CDCCompressor, unet: CDCUNet, scheduler, default_num_inference_steps: int = 4):
+    def __init__(self, compressor: CDCCompressor, unet: CDCUNet, scheduler, decode_defaults: list | None = None):
         super().__init__()
         self.register_modules(compressor=compressor, unet=unet, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        table = UNTUNED_DECODE if decode_defaults is None else decode_defaults
+        self.register_to_config(decode_defaults=check_decode_defaults(table))
         self.max_pixels = MAX_PIXELS
         self._coder = None
         self._model_id = None
@@ -86,9 +105,13 @@ class CDCPipeline(DiffusionPipeline):
     def num_quality_levels(self) -> int:
         return self.compressor.config.num_quality_levels
 
-    @property
-    def default_num_inference_steps(self) -> int:
-        return self.config.default_num_inference_steps
+    def decode_settings(self, rho: float) -> tuple[int, float]:
+        """The tuned (K, γ) at ρ: linear in ρ between the tuned values (K rounded), constant beyond them."""
+        table = self.config.decode_defaults
+        rhos = [d["rho"] for d in table]
+        steps = np.interp(rho, rhos, [d["num_inference_steps"] for d in table])
+        gamma = np.interp(rho, rhos, [d["noise_scale"] for d in table])
+        return max(1, int(np.floor(steps + 0.5))), float(gamma)
 
     @property
     def multiple(self) -> int:
@@ -156,17 +179,31 @@ class CDCPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         rho: float = 0.9,
         generator: torch.Generator | None = None,
+        noise_scale: float | None = None,
         progress: bool = True,
     ) -> PIL.Image.Image:
-        """Decode ``.cdc`` bytes with K = ``num_inference_steps`` denoising steps at perceptual weight ρ."""
-        header, z_string, y_string = bitstream.unpack(data)
-        self._check_header(header)
-        steps = self.default_num_inference_steps if num_inference_steps is None else int(num_inference_steps)
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be ≥ 1, got {steps}")
+        """Decode ``.cdc`` bytes with K = ``num_inference_steps`` steps from γ = ``noise_scale`` at perceptual weight ρ.
+
+        K and γ left as None take the tuned values at ρ (:meth:`decode_settings`)."""
         if not 0.0 <= float(rho) <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {rho}")
+        tuned_steps, tuned_gamma = self.decode_settings(float(rho))
+        steps = tuned_steps if num_inference_steps is None else int(num_inference_steps)
+        gamma = tuned_gamma if noise_scale is None else float(noise_scale)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be ≥ 1, got {steps}")
+        if not 0.0 <= gamma <= 1.0:  # also rejects NaN
+            raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
+        header, content, x_base = self.decode_content(data)
+        self.set_progress_bar_config(disable=not progress)
+        x = self.denoise(content, x_base, float(rho), steps, gamma, generator)
+        return tensor_to_image(x[:, :, : header.height, : header.width])
 
+    @torch.no_grad()
+    def decode_content(self, data: bytes) -> tuple[bitstream.Header, list[torch.Tensor], torch.Tensor]:
+        """``.cdc`` bytes → header, content pyramid and x_base (at the padded size, in the UNet's dtype)."""
+        header, z_string, y_string = bitstream.unpack(data)
+        self._check_header(header)
         shape = (header.pad_height // STRIDE, header.pad_width // STRIDE)
         try:
             y_hat = self._entropy_coder().decompress([[y_string], [z_string]], shape)
@@ -176,18 +213,21 @@ class CDCPipeline(DiffusionPipeline):
         q = torch.tensor([header.quality], device=self.device)
         dtype = self.unet.dtype
         content, x_base = self.compressor.content(y_hat.to(self.device, self.compressor.dtype), q)
-        content = [f.to(dtype) for f in content]
-        x_base = x_base.to(dtype)
+        return header, [f.to(dtype) for f in content], x_base.to(dtype)
 
-        self.scheduler.set_timesteps(steps, device=self.device)
-        x = randn_tensor(x_base.shape, generator=generator, device=self.device, dtype=dtype)
-        x = x * self.scheduler.init_noise_sigma
-        self.set_progress_bar_config(disable=not progress)
+    @torch.no_grad()
+    def denoise(self, content, x_base, rho, num_inference_steps: int, noise_scale: float, generator=None) -> torch.Tensor:
+        """Alg. 2's loop on a batch: x_K = γ·σ_K·ε, then K × (x̂0 = unet(x_k, k, ρ, content), scheduler step).
+
+        ``rho`` is a float or one value per sample; returns x̂0 in [-1, 1] at the padded size."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        x = randn_tensor(x_base.shape, generator=generator, device=self.device, dtype=x_base.dtype)
+        x = x * (noise_scale * self.scheduler.init_noise_sigma)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)
-            prediction = self.unet(model_input, t, rho, content, x_base).sample
+            prediction = self.unet(model_input, t, rho, content, x_base).sample.clamp(-1, 1)  # x̂0 is an image
             x = self.scheduler.step(prediction, t, x).prev_sample
-        return tensor_to_image(x[:, :, : header.height, : header.width])
+        return x
 
     def _check_header(self, header: bitstream.Header) -> None:
         if header.model_id != self.model_id:
@@ -209,11 +249,27 @@ class CDCPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         rho: float = 0.9,
         generator: torch.Generator | None = None,
+        noise_scale: float | None = None,
     ) -> CDCPipelineOutput:
         """Round trip: compress then decompress one image."""
         data = self.compress(image, quality)
-        recon = self.decompress(data, num_inference_steps, rho, generator)
+        recon = self.decompress(data, num_inference_steps, rho, generator, noise_scale)
         return CDCPipelineOutput(images=[recon], bitstreams=[data], bpp=[bitstream.bits_per_pixel(data)])
+
+
+def check_decode_defaults(table) -> list[dict]:
+    """Validate a decode-defaults table: entries {rho, num_inference_steps, noise_scale}, sorted by ρ."""
+    try:
+        rows = [{"rho": float(d["rho"]), "num_inference_steps": int(d["num_inference_steps"]),
+                 "noise_scale": float(d["noise_scale"])} for d in table]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"decode_defaults entries need rho, num_inference_steps and noise_scale ({e})") from None
+    if not rows or any(not (0 <= d["rho"] <= 1 and d["num_inference_steps"] >= 1 and 0 <= d["noise_scale"] <= 1)
+                       for d in rows):
+        raise ValueError(f"decode_defaults need ρ and γ in [0, 1] and at least one step: {rows}")
+    if any(a["rho"] >= b["rho"] for a, b in zip(rows, rows[1:])):
+        raise ValueError("decode_defaults must be sorted by increasing ρ")
+    return rows
 
 
 def load_pipeline(checkpoint: str | Path | None = None, device: str = "cpu") -> CDCPipeline:

@@ -99,15 +99,15 @@ def build_pipeline(args) -> CDCPipeline:
 
 
 @torch.no_grad()
-def validate(pipe: CDCPipeline, images, levels, steps: int) -> dict:
-    """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0."""
+def validate(pipe: CDCPipeline, images, levels) -> dict:
+    """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0 with the pipeline's decode defaults."""
     pipe.weights_changed()
     rows = {}
     for q in levels:
         bpps, psnrs = [], []
         for img in images:
             data = pipe.compress(img, q)
-            recon = pipe.decompress(data, steps, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
+            recon = pipe.decompress(data, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
             bpps.append(bits_per_pixel(data))
             psnrs.append(psnr(img, recon))
         rows[f"q{q}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
@@ -130,7 +130,7 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
     compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
     for p in main + aux:
         p.data = p.data.half()
-    CDCPipeline(compressor, unet, pipe.scheduler, pipe.default_num_inference_steps).save_pretrained(
+    CDCPipeline(compressor, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
         out, max_shard_size="9MB"
     )
     (out / "training_state.json").write_text(json.dumps(state, indent=2))
@@ -271,7 +271,7 @@ def main(argv=None) -> None:
                 ema.copy_to(all_params)
                 compressor.eval()
                 unet.eval()
-                row = {"step": step, "minutes": round(elapsed / 60, 3), "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2), pipe.default_num_inference_steps)}
+                row = {"step": step, "minutes": round(elapsed / 60, 3), "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2))}
                 compressor.train()
                 unet.train()
                 ema.restore(all_params)

@@ -25,6 +25,7 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE  # lower than the CLI's limit: the Space decode
 MAX_STEPS = 20
 MAX_SAMPLES = 4
 QUEUE_SIZE = 8
+START_RHO = 0.9
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = sorted(p for p in ASSETS.iterdir() if p.suffix in (".jpg", ".png"))
 CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
@@ -58,7 +59,12 @@ def _row(name: str, setting: str, data: bytes, bpp: float, m: dict) -> str:
             f"| {_fmt(m['ms_ssim'], 4)} | {_fmt(m['lpips'], 4)} |")
 
 
-def compress(pipe, image, quality, rho, steps, seed, progress=gr.Progress(track_tqdm=True)):
+def tuned_settings(pipe, rho):
+    """The checkpoint's tuned (steps, γ) at ρ: the decoding controls follow the ρ slider."""
+    return pipe.decode_settings(float(rho))
+
+
+def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Progress(track_tqdm=True)):
     """Encode the image at path ``image``, decode, compare.
 
     Returns (slider pair, readout markdown, classical gallery, .cdc path)."""
@@ -75,7 +81,7 @@ def compress(pipe, image, quality, rho, steps, seed, progress=gr.Progress(track_
     data = pipe.compress(original, int(quality))
     encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recon = pipe.decompress(data, num_inference_steps=int(steps), rho=float(rho), generator=_generator(seed))
+    recon = pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale))
     decode_s = time.perf_counter() - t0
     bpp = bits_per_pixel(data)
 
@@ -95,7 +101,7 @@ def compress(pipe, image, quality, rho, steps, seed, progress=gr.Progress(track_
     readout = "\n".join([
         f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
         f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s "
-        f"({int(steps)} steps, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
+        f"({int(steps)} steps, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
         "",
         "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
         "|---|---|---|---|---|---|---|",
@@ -106,7 +112,7 @@ def compress(pipe, image, quality, rho, steps, seed, progress=gr.Progress(track_
     return (original, recon), readout, gallery, str(path)
 
 
-def decompress(pipe, file, steps, rho, seed, samples, progress=gr.Progress(track_tqdm=True)):
+def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.Progress(track_tqdm=True)):
     """Decode a ``.cdc`` file with ``samples`` consecutive seeds. Returns (gallery, info markdown)."""
     if file is None:
         raise _error("Upload a .cdc file first.")
@@ -123,20 +129,32 @@ def decompress(pipe, file, steps, rho, seed, samples, progress=gr.Progress(track
     t0 = time.perf_counter()
     for s in seeds:
         try:
-            img = pipe.decompress(data, num_inference_steps=int(steps), rho=float(rho), generator=_generator(s))
+            img = pipe.decompress(data, int(steps), float(rho), _generator(s), float(noise_scale))
         except BitstreamError as e:
             raise _error(f"Cannot decode this file: {e}.") from None
         images.append((img, f"seed {s}"))
     seconds = (time.perf_counter() - t0) / len(seeds)
     info = (f"{header.width}×{header.height}, quality level {header.quality}, {len(data):,} bytes = "
             f"**{bits_per_pixel(data):.3f} bpp** — {seconds:.2f} s per decode "
-            f"({int(steps)} steps, ρ = {float(rho):.2f})")
+            f"({int(steps)} steps, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f})")
     return images, info
 
 
 def build_demo(pipe, checkpoint=None) -> gr.Blocks:
     """The page for one loaded pipeline (``checkpoint``: its folder, for the bitrate labels)."""
-    steps_max = max(MAX_STEPS, pipe.default_num_inference_steps)
+    start_steps, start_gamma = tuned_settings(pipe, START_RHO)
+    steps_max = max(MAX_STEPS, start_steps)
+
+    def follow_rho(rho):
+        return tuned_settings(pipe, rho)
+
+    def decoding_controls():
+        """ρ, then steps and γ that start at the checkpoint's tuned values and follow ρ."""
+        rho = gr.Slider(0, 1, value=START_RHO, step=0.05, label="ρ (0 = low distortion, 1 = realism)")
+        steps = gr.Slider(1, steps_max, value=start_steps, step=1, label="Decoding steps (tuned per ρ)")
+        gamma = gr.Slider(0, 1, value=start_gamma, step=0.05, label="Initial noise scale γ (tuned per ρ)")
+        rho.change(follow_rho, rho, [steps, gamma], show_progress="hidden", api_name=False)
+        return rho, steps, gamma
     with gr.Blocks(title="CDC — lossy compression with a conditional diffusion decoder",
                    analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -153,9 +171,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], cache_examples=False)
                     choices = quality_choices(pipe, checkpoint)
                     quality = gr.Radio(choices, value=choices[len(choices) // 2][1], label="Bitrate")
-                    rho = gr.Slider(0, 1, value=0.9, step=0.05, label="ρ (0 = low distortion, 1 = realism)")
-                    steps = gr.Slider(1, steps_max, value=pipe.default_num_inference_steps, step=1,
-                                      label="Decoding steps")
+                    rho, steps, gamma = decoding_controls()
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     run = gr.Button("Compress", variant="primary", elem_id="compress-button")
                 with gr.Column(scale=2):
@@ -166,16 +182,14 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
             gr.Markdown("### The same image with classical codecs, at the largest file not exceeding ours")
             classical_gallery = gr.Gallery(label="JPEG, WebP, AVIF", format="png", columns=3, height="auto",
                                            object_fit="contain")
-            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, seed],
+            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, gamma, seed],
                       [slider, readout, classical_gallery, cdc_file], api_name="compress", preprocess=False)
 
         with gr.Tab("Decompress"):
             with gr.Row():
                 with gr.Column(scale=1):
                     upload = gr.File(label=".cdc file", file_types=[".cdc"], type="filepath", elem_id="cdc-upload")
-                    d_steps = gr.Slider(1, steps_max, value=pipe.default_num_inference_steps, step=1,
-                                        label="Decoding steps")
-                    d_rho = gr.Slider(0, 1, value=0.9, step=0.05, label="ρ")
+                    d_rho, d_steps, d_gamma = decoding_controls()
                     d_seed = gr.Number(0, precision=0, minimum=0, label="First seed")
                     samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1,
                                         label="Samples (consecutive seeds: the texture the decoder synthesises)")
@@ -184,7 +198,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     d_gallery = gr.Gallery(label="Decoded", format="png", columns=2, height="auto",
                                            object_fit="contain")
                     d_info = gr.Markdown(elem_id="decode-info")
-            d_run.click(functools.partial(decompress, pipe), [upload, d_steps, d_rho, d_seed, samples],
+            d_run.click(functools.partial(decompress, pipe), [upload, d_rho, d_steps, d_gamma, d_seed, samples],
                         [d_gallery, d_info], api_name="decompress")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo

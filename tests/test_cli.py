@@ -33,7 +33,8 @@ def test_round_trip_with_a_pipeline_folder(tiny_pipeline_dir, photo_file, tmp_pa
     cdc, png = tmp_path / "a.cdc", tmp_path / "a.png"
     r = cli("compress", photo_file, cdc, "--quality", 1, "--checkpoint", tiny_pipeline_dir)
     assert r.returncode == 0, r.stderr
-    r = cli("decompress", cdc, png, "--steps", 2, "--rho", 0.5, "--seed", 3, "--checkpoint", tiny_pipeline_dir)
+    r = cli("decompress", cdc, png, "--steps", 2, "--noise-scale", 0.8, "--rho", 0.5, "--seed", 3,
+            "--checkpoint", tiny_pipeline_dir)
     assert r.returncode == 0, r.stderr
     assert Image.open(png).size == (90, 70)
     info = json.loads(cli("info", cdc).stdout)
@@ -67,3 +68,10 @@ def test_bad_inputs_are_one_line_errors(tiny_pipeline_dir, photo_file, tmp_path)
     assert_one_line_error(cli("compress", photo_file, tmp_path / "x.cdc", "--quality", 99, "--checkpoint", tiny_pipeline_dir))
     assert_one_line_error(cli("compress", photo_file, tmp_path / "x.cdc", "--checkpoint", tmp_path / "nowhere"))
     assert_one_line_error(cli("info", tmp_path / "missing.cdc"))
+    cdc = tmp_path / "ok.cdc"
+    assert cli("compress", photo_file, cdc, "--checkpoint", tiny_pipeline_dir).returncode == 0
+    for flags in (["--noise-scale", -0.5], ["--noise-scale", "nan"], ["--steps", 0]):
+        r = cli("decompress", cdc, tmp_path / "out.png", *flags, "--checkpoint", tiny_pipeline_dir)
+        assert_one_line_error(r)
+    assert "noise_scale must be in [0, 1]" in r.stderr or "num_inference_steps" in r.stderr
+    assert not (tmp_path / "out.png").exists()

@@ -76,7 +76,8 @@ def test_summaries_and_comparisons():
     # Not exactly -50%: our curve has fewer points, so its interpolant differs slightly.
     assert bd["psnr"] == pytest.approx(-50.0, abs=2) and bd["lpips"] == pytest.approx(-50.0, abs=2)
 
-    result = {"config": {"codecs": ["jpeg"], "data_name": "x", "num_images": 2, "steps": 3},
+    result = {"config": {"codecs": ["jpeg"], "data_name": "x", "num_images": 2,
+                          "decode": [{"rho": 0.0, "steps": 3, "noise_scale": 1.0}]},
               "means": means, "equal_rate": eq, "bd_rate": [bd]}
     table = evaluate.markdown(result)
     assert "| 0 | 0 | 0.100 | 28.00 |" in table
@@ -86,7 +87,8 @@ def test_summaries_and_comparisons():
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
     rows = _rows()
-    result = {"config": {"codecs": ["jpeg"], "data_name": "x", "num_images": 2, "steps": 3},
+    result = {"config": {"codecs": ["jpeg"], "data_name": "x", "num_images": 2,
+                          "decode": [{"rho": 0.0, "steps": 3, "noise_scale": 1.0}]},
               "means": evaluate.summarise(rows)}
     evaluate.plot(result, tmp_path / "rd.png")
     assert Image.open(tmp_path / "rd.png").size[0] > 500

@@ -5,7 +5,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 from app.bitstream import BitstreamError, Header, pack, unpack
-from app.pipeline import CDCPipeline, CheckpointError, load_pipeline
+from app.pipeline import CDCPipeline, CheckpointError, load_pipeline, make_scheduler
 from conftest import make_tiny_pipeline
 
 
@@ -50,6 +50,68 @@ def test_decoding_arguments_are_validated(tiny_pipeline):
         decode(tiny_pipeline, data, rho=1.5)
     with pytest.raises(ValueError, match="num_inference_steps"):
         decode(tiny_pipeline, data, num_inference_steps=0)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            decode(tiny_pipeline, data, noise_scale=bad)
+
+
+TUNED = [{"rho": 0.0, "num_inference_steps": 1, "noise_scale": 0.0},
+         {"rho": 0.6, "num_inference_steps": 3, "noise_scale": 0.8},
+         {"rho": 1.0, "num_inference_steps": 2, "noise_scale": 1.0}]
+
+
+def tuned_pipeline(table=TUNED) -> CDCPipeline:
+    p = make_tiny_pipeline()
+    return CDCPipeline(p.compressor, p.unet, p.scheduler, decode_defaults=table)
+
+
+def test_decode_defaults_interpolate_between_tuned_rhos():
+    pipe = tuned_pipeline()
+    assert pipe.decode_settings(0.0) == (1, 0.0) and pipe.decode_settings(0.6) == (3, pytest.approx(0.8))
+    assert pipe.decode_settings(0.3) == (2, pytest.approx(0.4))  # K = 2.0, γ halfway
+    assert pipe.decode_settings(0.8) == (3, pytest.approx(0.9))  # K = 2.5 rounds up
+    assert pipe.decode_settings(1.0) == (2, 1.0)
+    assert tuned_pipeline(TUNED[1:2]).decode_settings(0.0) == (3, pytest.approx(0.8))  # constant beyond the table
+
+
+def test_decode_defaults_are_used_unless_given_and_survive_save_load(tmp_path):
+    pipe = tuned_pipeline()
+    pipe.save_pretrained(tmp_path / "cdc")
+    loaded = load_pipeline(tmp_path / "cdc")
+    assert loaded.config.decode_defaults == TUNED
+    data = loaded.compress(photo(), 1)
+    for rho in (0.0, 0.3, 0.9):
+        k, g = loaded.decode_settings(rho)
+        assert np.array_equal(np.asarray(decode(loaded, data, rho=rho)),
+                              np.asarray(decode(loaded, data, rho=rho, num_inference_steps=k, noise_scale=g)))
+    explicit = decode(loaded, data, rho=0.0, num_inference_steps=3, noise_scale=1.0)  # explicit arguments win
+    assert not np.array_equal(np.asarray(explicit), np.asarray(decode(loaded, data, rho=0.0)))
+
+
+@pytest.mark.parametrize("bad", [[], [{"rho": 0.0}], [{"rho": 0.5, "num_inference_steps": 1, "noise_scale": -1}],
+                                 [{"rho": 0.9, "num_inference_steps": 1, "noise_scale": 0},
+                                  {"rho": 0.1, "num_inference_steps": 1, "noise_scale": 0}]])
+def test_bad_decode_defaults_are_rejected(bad):
+    with pytest.raises(ValueError, match="decode_defaults"):
+        tuned_pipeline(bad)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_zero_noise_scale_decodes_identically_for_any_seed(tiny_pipeline, scheduler, steps):
+    pipe = CDCPipeline(tiny_pipeline.compressor, tiny_pipeline.unet, make_scheduler(scheduler))
+    data = pipe.compress(photo(), 2)
+    a, b = (np.asarray(decode(pipe, data, seed=s, num_inference_steps=steps, noise_scale=0.0)) for s in (0, 1))
+    assert np.array_equal(a, b)
+    c, d = (np.asarray(decode(pipe, data, seed=s, num_inference_steps=steps, noise_scale=0.5)) for s in (0, 1))
+    assert not np.array_equal(c, d)
+
+
+def test_unknown_scheduler_or_spacing_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'; choose one of ddim, dpmpp"):
+        make_scheduler("euler")
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        make_scheduler("ddim", "leading")
 
 
 def test_file_from_another_model_is_rejected(tiny_pipeline):

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import tune
+from app.pipeline import load_pipeline
+
+
+def row(sched, spacing, k, g, rho, psnr, lpips):
+    return {"scheduler": sched, "spacing": spacing, "steps": k, "noise_scale": g, "rho": rho, "psnr": psnr,
+            "lpips": lpips, "seconds_per_crop": 0.1 * k}
+
+
+def test_grid_measures_one_step_once_and_skips_nothing_else():
+    settings = tune.grid([1, 2, 4], [0.0, 1.0], ["ddim", "dpmpp"], ["trailing", "linspace"])
+    assert [s for s in settings if s.steps == 1] == [tune.Setting("any", "trailing", 1, 0.0),
+                                                     tune.Setting("any", "trailing", 1, 1.0)]
+    assert len(settings) == 2 + 2 * 2 * 2 * 2
+    assert tune.Setting("any", "trailing", 1, 0.0).in_family("dpmpp", "linspace")
+
+
+def test_choose_respects_the_step_budget_and_the_metric_per_rho():
+    summary = [
+        row("any", "trailing", 1, 0.0, 0.0, 25.0, 0.30), row("any", "trailing", 1, 1.0, 0.0, 24.0, 0.28),
+        row("ddim", "trailing", 8, 0.8, 0.0, 30.0, 0.10),  # best, but slower than the budget
+        row("ddim", "trailing", 2, 0.5, 0.0, 24.5, 0.20),
+        row("any", "trailing", 1, 0.0, 0.9, 25.0, 0.30), row("any", "trailing", 1, 1.0, 0.9, 23.0, 0.25),
+        row("ddim", "trailing", 2, 0.5, 0.9, 26.0, 0.27),
+        row("dpmpp", "trailing", 3, 0.8, 0.9, 20.0, 0.21),
+    ]
+    choice = tune.choose(summary, max_steps=4, current_family=("ddim", "trailing"))
+    assert (choice["scheduler"], choice["timestep_spacing"]) == ("dpmpp", "trailing")  # wins ρ = 0.9, ties ρ = 0
+    assert choice["decode_defaults"] == [{"rho": 0.0, "num_inference_steps": 1, "noise_scale": 0.0},
+                                         {"rho": 0.9, "num_inference_steps": 3, "noise_scale": 0.8}]
+    table = tune.markdown(summary, choice, top=2)
+    assert "| ddim | trailing | 8 | 0.8 | 30.00 |" in table and table.count("**picked**") == 2
+
+
+def test_ties_keep_the_current_family():
+    summary = [row("any", "trailing", 1, 0.0, 0.0, 25.0, 0.3), row("ddim", "linspace", 2, 0.0, 0.0, 20.0, 0.3),
+               row("ddim", "trailing", 2, 0.0, 0.0, 20.0, 0.3)]
+    assert tune.choose(summary, 4, ("ddim", "trailing"))["timestep_spacing"] == "trailing"
+
+
+@pytest.fixture
+def val_images(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (70, 80 + i, 3), dtype=np.uint8)).save(folder / f"v{i}.png")
+    Image.new("RGB", (40, 40)).save(folder / "small.png")  # below the crop: skipped
+    return folder
+
+
+def test_tune_end_to_end_applies_the_choice(tiny_pipeline, tmp_path, val_images, capsys):
+    ckpt = tmp_path / "cdc"
+    tiny_pipeline.save_pretrained(ckpt)
+    out = tmp_path / "tune.json"
+    result = tune.main(["--data", str(val_images), "--checkpoint", str(ckpt), "--out", str(out), "--apply",
+                        "--crop", "64", "--levels", "0", "--rhos", "0", "0.9", "--steps", "1", "2", "6",
+                        "--noise-scales", "0", "1", "--spacings", "trailing"])
+    assert result["config"]["images"] == ["v0.png", "v1.png"]
+    assert len(result["rows"]) == (2 + 2 * 2 * 2) * 2  # settings × ρ, one level
+    assert json.loads(out.read_text())["choice"] == result["choice"]
+    assert "picked by PSNR" in capsys.readouterr().out
+    loaded = load_pipeline(ckpt)
+    assert loaded.config.decode_defaults == result["choice"]["decode_defaults"]
+    assert all(d["num_inference_steps"] <= 4 for d in loaded.config.decode_defaults)
+    assert "_name_or_path" not in json.loads((ckpt / "model_index.json").read_text())
+
+
+def test_tune_rejects_bad_arguments(tmp_path):
+    for bad in (["--crop", "100"], ["--noise-scales", "-1"], ["--steps", "8", "--max-steps", "4"], ["--rhos", "2"]):
+        with pytest.raises(SystemExit):
+            tune.main(["--data", str(tmp_path), *bad])
+    with pytest.raises(SystemExit):
+        tune.main(["--data", str(tmp_path), "--schedulers", "euler"])
