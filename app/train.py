@@ -4,9 +4,11 @@ Per sample, with a quality level q (rate weight λ_q) and a perceptual weight ρ
 
     L = λ_q · bpp + (1 − ρ) · w(t) · ‖x̂0 − x0‖² + ρ · LPIPS(x̂0, x0) + ‖x_base − x0‖²
 
-x̂0 is the one-step x0 prediction at a uniformly drawn t, w(t) = clip(SNR_t, 1, 5) (min-SNR
-weighting floored at 1, so the high-noise steps that few-step decoding starts from count), and the
-last term trains the content decoder's deterministic base image directly (fast convergence).
+x̂0 is the one-step x0 prediction at a drawn t, w(t) = clip(SNR_t, 1, 5) (min-SNR weighting
+floored at 1, so the high-noise steps that few-step decoding starts from count), and the last term
+trains the content decoder's deterministic base image directly (fast convergence). t is drawn where
+decoding goes (:func:`sample_timesteps`): a share ``--grid-share`` of each batch on the timesteps of
+the K-step trailing schedules, K = 1…4, the rest uniform.
 compressai's auxiliary loss trains the entropy bottleneck's quantiles. Adam with warm-up and a
 cosine decay over the time budget, EMA weights (what is saved), gradient clipping, bf16 autocast
 on CUDA, fp32 likelihoods.
@@ -38,6 +40,7 @@ from .models import CDCCompressor, CDCUNet
 from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 
 DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
+GRID_SHARE, GRID_JITTER = 0.5, 8
 
 
 def image_files_in(folders) -> list[Path]:
@@ -91,6 +94,27 @@ def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.where(u < 0.3, 0.0, torch.where(u < 0.6, 0.9, rho))
 
 
+def decode_grid(max_steps: int = 4) -> list[list[int]]:
+    """The timesteps of the trailing K-step decodes, K = 1…max_steps: [999], [999, 499], [999, 666, 332], …"""
+    scheduler, grid = make_scheduler(), []
+    for k in range(1, max_steps + 1):
+        scheduler.set_timesteps(k)
+        grid.append(scheduler.timesteps.tolist())
+    return grid
+
+
+def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jitter: int,
+                     num_train_timesteps: int = 1000) -> torch.Tensor:
+    """t for a batch: with probability ``share`` a step of a few-step decode (K uniform, then one of its
+    K steps, ± ``jitter``), otherwise uniform on [0, T), so that other K and schedulers still work."""
+    k = torch.randint(len(grid), (n,), generator=generator).tolist()
+    step = torch.rand(n, generator=generator).tolist()
+    on_grid = torch.tensor([grid[ki][int(s * len(grid[ki]))] for ki, s in zip(k, step)])
+    on_grid = (on_grid + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, num_train_timesteps - 1)
+    uniform = torch.randint(num_train_timesteps, (n,), generator=generator)
+    return torch.where(torch.rand(n, generator=generator) < share, on_grid, uniform)
+
+
 def build_pipeline(args) -> CDCPipeline:
     if args.resume:
         pipe = load_pipeline(args.resume)
@@ -139,7 +163,9 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
     run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device),
-           "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr}
+           "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+           "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
+           if args.grid_share else "uniform"}
     return {
         "lambdas": list(args.lambdas),
         "total_steps": prior.get("total_steps", 0) + step,
@@ -158,12 +184,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/cdc"))
     ap.add_argument("--resume", type=Path, help="pipeline folder to continue from (e.g. checkpoints/cdc)")
     ap.add_argument("--max-minutes", type=float, default=30.0)
+    ap.add_argument("--max-steps", type=int, help="also stop after this many steps (equal-budget comparisons)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="rate weight per quality level")
     ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
+                    help="share of t drawn on the 1–4-step decode timesteps (0 = uniform t)")
+    ap.add_argument("--grid-jitter", type=int, default=GRID_JITTER, help="± timesteps around the decode grid")
     ap.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     ap.add_argument("--val", type=Path, help="folder of whole images checked with real bitstreams during training")
     ap.add_argument("--val-count", type=int, default=4)
@@ -173,6 +203,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
+        ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
 
     if args.pack_to:
         pack(args.data, args.pack_to, args.pack_short_side, args.pack_quality)
@@ -207,6 +239,7 @@ def main(argv=None) -> None:
     alphas = scheduler.alphas_cumprod.to(device)
     snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
     gen = torch.Generator().manual_seed(args.seed)
+    grid, t_gen = decode_grid(), torch.Generator().manual_seed(args.seed + 1)  # own stream: samplers differ only in t
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.log or args.out / "log.jsonl", "a")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -215,9 +248,9 @@ def main(argv=None) -> None:
     next_val = next_save = 0.0
     while True:
         elapsed = time.monotonic() - start
-        if elapsed >= budget:
+        if elapsed >= budget or step == args.max_steps:
             break
-        frac = elapsed / budget
+        frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -226,7 +259,8 @@ def main(argv=None) -> None:
         n, _, h, w = x.shape
         q = torch.randint(len(args.lambdas), (n,), generator=gen).to(device)
         rho = sample_rho(n, gen).to(device)
-        t = torch.randint(scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
+        t = sample_timesteps(n, t_gen, grid, args.grid_share, args.grid_jitter,
+                             scheduler.config.num_train_timesteps).to(device)
         noise = torch.randn(x.shape, generator=gen).to(device)
 
         with autocast:

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from app import train
 from app.pipeline import load_pipeline
 
@@ -22,7 +24,7 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     train.main([
         "--data", str(packed), "--val", str(src), "--val-count", "1", "--resume", str(tiny_pipeline_dir),
         "--out", str(out), "--max-minutes", "0.05", "--batch-size", "2", "--crop", "64",
-        "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
+        "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu", "--grid-share", "0.5",
     ])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and log[0]["bpp"] > 0 and 0 < log[0]["lpips_x0"] < 2
@@ -31,3 +33,31 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     resumed = load_pipeline(out)
     assert resumed.num_quality_levels == 4
     assert resumed.decompress(resumed.compress(src / "0.png", 2), progress=False).size == (140, 100)
+
+
+def test_decode_grid_is_the_trailing_schedules():
+    assert train.decode_grid() == [[999], [999, 499], [999, 666, 332], [999, 749, 499, 249]]
+
+
+def test_timestep_sampler_favours_the_decode_grid_at_the_requested_share():
+    import torch
+
+    grid = train.decode_grid()
+    points = torch.tensor(sorted({t for ts in grid for t in ts}))
+
+    def near_grid(t, jitter):
+        return ((t[:, None] - points[None]).abs() <= jitter).any(1).float().mean().item()
+
+    def draw(share, jitter, seed=0, n=20000):
+        return train.sample_timesteps(n, torch.Generator().manual_seed(seed), grid, share, jitter)
+
+    all_grid = draw(1.0, 8)
+    assert all_grid.min() >= 0 and all_grid.max() <= 999 and near_grid(all_grid, 8) == 1.0
+    assert (draw(1.0, 0) >= 999).float().mean().item() == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4, abs=0.02)
+    window = len(points) * 17 / 1000  # chance that a uniform t lands within ±8 of a grid point
+    half = draw(0.5, 8)
+    assert near_grid(half, 8) == pytest.approx(0.5 + 0.5 * window, abs=0.02)
+    uniform = draw(0.0, 8)
+    assert near_grid(uniform, 8) == pytest.approx(window, abs=0.02) and uniform.max() <= 999
+    assert torch.equal(draw(0.5, 8, seed=3), draw(0.5, 8, seed=3))
+    assert not torch.equal(draw(0.5, 8, seed=3), draw(0.5, 8, seed=4))
