@@ -6,7 +6,8 @@ Every validation photo (never Kodak) is centre-cropped to ``--crop``², compress
 file at each level, and decoded with every setting of the grid at every ρ, with the same noise
 seed for all settings. Per ρ the best setting is the one with the highest PSNR (ρ < 0.5) or the
 lowest LPIPS (ρ ≥ 0.5), averaged over images and levels, among settings no slower than the first
-checkpoint's default (``--max-steps``, 4: time is proportional to K).
+checkpoint's default (``--max-steps``, 4: time is proportional to K). The default sweep (12 crops,
+2 levels, 5 ρ, 60 settings) takes about 40 minutes on a 2-core CPU and a few minutes on a GPU.
 
 The scheduler and spacing are one choice for all ρ (a checkpoint holds one scheduler): the family
 that is best at the most ρ values, ties going to the checkpoint's current one. One-step decodes
@@ -48,11 +49,13 @@ class Setting:
         return self.scheduler == "any" or (self.scheduler, self.spacing) == (scheduler, spacing)
 
 
-def grid(steps, noise_scales, schedulers, spacings) -> list[Setting]:
-    """The sweep; one-step settings once (as ``any``/trailing: linspace puts a lone step at t = 0)."""
+def grid(steps, noise_scales, schedulers, spacings, max_steps: int) -> list[Setting]:
+    """The sweep. One-step settings once (as ``any``/trailing: linspace puts a lone step at t = 0); K above
+    ``max_steps`` cannot be picked, so only the first family measures them, to show the trend."""
     out = [Setting("any", "trailing", 1, g) for g in noise_scales] if 1 in steps else []
     for sched, spacing, k, g in itertools.product(schedulers, spacings, sorted(set(steps) - {1}), noise_scales):
-        out.append(Setting(sched, spacing, k, g))
+        if k <= max_steps or (sched, spacing) == (schedulers[0], spacings[0]):
+            out.append(Setting(sched, spacing, k, g))
     return out
 
 
@@ -238,7 +241,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: no image of at least {args.crop} px in {args.data}")
     pipe.set_progress_bar_config(disable=True)
     current = (scheduler_name(pipe.scheduler), pipe.scheduler.config.timestep_spacing)
-    settings = grid(args.steps, args.noise_scales, args.schedulers, args.spacings)
+    settings = grid(args.steps, args.noise_scales, args.schedulers, args.spacings, args.max_steps)
     _log(f"{len(settings)} settings × {len(args.rhos)} ρ × {len(args.levels)} levels on {len(crops)} crops")
 
     t0 = time.perf_counter()

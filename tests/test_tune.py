@@ -13,11 +13,12 @@ def row(sched, spacing, k, g, rho, psnr, lpips):
             "lpips": lpips, "seconds_per_crop": 0.1 * k}
 
 
-def test_grid_measures_one_step_once_and_skips_nothing_else():
-    settings = tune.grid([1, 2, 4], [0.0, 1.0], ["ddim", "dpmpp"], ["trailing", "linspace"])
+def test_grid_measures_one_step_once_and_slow_settings_in_one_family():
+    settings = tune.grid([1, 2, 4, 8], [0.0, 1.0], ["ddim", "dpmpp"], ["trailing", "linspace"], max_steps=4)
     assert [s for s in settings if s.steps == 1] == [tune.Setting("any", "trailing", 1, 0.0),
                                                      tune.Setting("any", "trailing", 1, 1.0)]
-    assert len(settings) == 2 + 2 * 2 * 2 * 2
+    assert {(s.scheduler, s.spacing) for s in settings if s.steps == 8} == {("ddim", "trailing")}
+    assert len(settings) == 2 + 2 * 2 * 2 * 2 + 2
     assert tune.Setting("any", "trailing", 1, 0.0).in_family("dpmpp", "linspace")
 
 
@@ -61,9 +62,9 @@ def test_tune_end_to_end_applies_the_choice(tiny_pipeline, tmp_path, val_images,
     out = tmp_path / "tune.json"
     result = tune.main(["--data", str(val_images), "--checkpoint", str(ckpt), "--out", str(out), "--apply",
                         "--crop", "64", "--levels", "0", "--rhos", "0", "0.9", "--steps", "1", "2", "6",
-                        "--noise-scales", "0", "1", "--spacings", "trailing"])
+                        "--noise-scales", "0", "1", "--spacings", "trailing", "--max-steps", "4"])
     assert result["config"]["images"] == ["v0.png", "v1.png"]
-    assert len(result["rows"]) == (2 + 2 * 2 * 2) * 2  # settings × ρ, one level
+    assert len(result["rows"]) == (2 + 2 * 2 + 2 * 1) * 2  # settings × ρ, one level; K = 6 only for ddim
     assert json.loads(out.read_text())["choice"] == result["choice"]
     assert "picked by PSNR" in capsys.readouterr().out
     loaded = load_pipeline(ckpt)
