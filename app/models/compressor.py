@@ -105,7 +105,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         return self.g_a(x) * self.gain(quality)
 
     def entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ, μ) of y given ẑ, always in fp32."""
+        """(σ, μ) of y given ẑ in fp32, for training; real files use the integer h_s (``compress``)."""
         with torch.autocast(z_hat.device.type, enabled=False):
             scales, means = self.h_s(z_hat.float()).chunk(2, dim=1)
         return scales, means
