@@ -7,10 +7,11 @@ latent-variable models" (ICLR 2019), the decoder-side path is computed in fixed 
 
 * ẑ, the activations of h_s, σ and μ carry ``FRAC`` = 12 fractional bits (int64 tensors).
 * :class:`IntegerHyperSynthesis` is a post-training quantisation of the float h_s: each output
-  channel's weights are rounded to integers below 2^14 after scaling by a power of two, biases to
-  the accumulator's grid; LeakyReLU's slope 0.01 becomes 655 / 2^16; rounding is half-up by
-  arithmetic shifts. Convolutions run in float64 on these integers; every partial sum is below
-  2^53 (checked when the layers are built), so the result is exact in any summation order.
+  channel's weights are rounded to integers below 2^14 after scaling by a power of two 2^s, biases
+  to the accumulator's grid; LeakyReLU's slope 0.01 becomes 655 / 2^16; rounding is to nearest,
+  ties to even (IEEE). Convolutions run in float64 on integer values (weights carry the exact
+  factor 2^-s, so the sums come out already rescaled): every partial sum is a multiple of 2^-s
+  below 2^(53-s) in magnitude (checked when the layers are built), hence exact in any order.
 * σ → scale index by integer comparison with the scale table's bounds on the same grid;
   ŷ = symbol + μ is exact in fixed point (the float ŷ is ŷ_fx · 2^-12).
 * :class:`CodingTables` holds the range coder's integer CDFs and z's medians, stored with the
@@ -31,14 +32,9 @@ from torch import nn
 
 FRAC = 12  # fractional bits of ẑ, activations, σ, μ and ŷ
 WEIGHT_BITS = 14  # |integer weight| < 2^14
-SLOPE, SLOPE_BITS = 655, 16  # LeakyReLU(0.01) ≈ 655 / 2^16 on the negative side
-CLAMP = 1 << 24  # inputs and activations are clamped to ±2^24 (a bound for the exactness proof)
+SLOPE = 655 / 2**16  # LeakyReLU(0.01) on the negative side (exact in float64)
+CLAMP = float(1 << 24)  # inputs and activations are clamped to ±2^24 (a bound for the exactness proof)
 _EXACT = 1 << 53  # integers below this are exact in float64
-
-
-def _round_shift(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """round(x / 2^k), halves up, for int64 ``x`` and shifts ``k`` ≥ 1."""
-    return (x + (torch.ones_like(k) << (k - 1))) >> k
 
 
 class _IntegerConv:
@@ -55,24 +51,22 @@ class _IntegerConv:
             raise ValueError("h_s weight too large for the integer hyper-synthesis")
         scale = torch.tensor([math.ldexp(1.0, s) for s in shifts], dtype=torch.float64)
         view = (1, -1, 1, 1) if transposed else (-1, 1, 1, 1)
-        self.weight = torch.round(w * scale.view(view))
+        weight = torch.round(w * scale.view(view))
         bias = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(len(shifts), dtype=torch.float64)
-        self.bias = torch.round(bias * scale * 2.0**FRAC)
-        bound = self.weight.transpose(0, out_dim).abs().reshape(len(shifts), -1).sum(1) * CLAMP + self.bias.abs()
+        bias = torch.round(bias * scale * 2.0**FRAC)
+        bound = weight.transpose(0, out_dim).abs().reshape(len(shifts), -1).sum(1) * CLAMP + bias.abs()
         if bound.max() >= _EXACT:
             raise ValueError("h_s layer does not fit exact float64 integer arithmetic")
-        self.shift = torch.tensor(shifts, dtype=torch.int64).view(1, -1, 1, 1)
+        self.weight, self.bias = weight / scale.view(view), bias / scale  # exact: powers of two
         op = F.conv_transpose2d if transposed else F.conv2d
         kwargs = {"output_padding": conv.output_padding} if transposed else {}
         self.op = functools.partial(op, stride=conv.stride, padding=conv.padding, **kwargs)
         self.leaky = leaky
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        acc = self.op(x.double(), self.weight, self.bias).long()  # exact: every partial sum < 2^53
-        out = _round_shift(acc, self.shift)
-        if self.leaky:
-            out = torch.where(acc < 0, _round_shift(acc * SLOPE, self.shift + SLOPE_BITS), out)
-        return out.clamp(-CLAMP, CLAMP)
+        """Integer-valued float64 in and out."""
+        out = self.op(x, self.weight, self.bias).round_().clamp_(-CLAMP, CLAMP)
+        return torch.maximum(out, (out * SLOPE).round_()) if self.leaky else out
 
 
 class IntegerHyperSynthesis:
@@ -93,10 +87,11 @@ class IntegerHyperSynthesis:
                 raise TypeError(f"no integer version of {type(m).__name__}")
 
     def __call__(self, z_fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = z_fx.clamp(-CLAMP, CLAMP)
+        """int64 in, (σ, μ) as int64 out, all with ``FRAC`` fractional bits."""
+        x = z_fx.double().clamp_(-CLAMP, CLAMP)
         for layer in self.layers:
             x = layer(x)
-        sigma, mu = x.chunk(2, dim=1)
+        sigma, mu = x.long().chunk(2, dim=1)
         return sigma, mu
 
 
