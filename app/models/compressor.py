@@ -30,7 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis
+from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis, to_float
 
 STRIDE = 64  # z lives at H/64
 _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
@@ -157,11 +157,11 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
     @torch.no_grad()
     def compress(self, y: torch.Tensor) -> tuple[bytes, bytes, torch.Tensor]:
         """Entropy-code a gained latent ``y`` (CPU, fp32): (z string, y string, ŷ · 2^FRAC as int64)."""
-        z = self.h_a(y)
-        z_symbols = torch.round(z - self.coding.z_median_fx().float() * 2.0**-FRAC).long()
+        z = self.h_a(y)  # floats only up to the symbols, which the file carries
+        z_symbols = torch.round(z - to_float(self.coding.z_median_fx())).long()
         z_string = self.coding.encode("z", z_symbols, self._channel_indexes(z_symbols.shape))
         indexes, mu = self._y_parameters(z_symbols)
-        y_symbols = torch.round(y - mu.float() * 2.0**-FRAC).long()
+        y_symbols = torch.round(y - to_float(mu)).long()
         y_string = self.coding.encode("y", y_symbols, indexes)
         return z_string, y_string, (y_symbols << FRAC) + mu
 
