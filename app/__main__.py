@@ -2,7 +2,7 @@
 
     python -m app compress INPUT OUTPUT.cdc [--quality N] [--checkpoint DIR] [--device cpu|cuda]
     python -m app decompress INPUT.cdc OUTPUT.png [--rho R] [--steps K] [--noise-scale G] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
-    python -m app info INPUT.cdc
+    python -m app info INPUT.cdc [--check [--checkpoint DIR]]
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors).
 """
@@ -60,11 +60,23 @@ def decompress(args) -> None:
     print(f"{args.output}: {image.width}x{image.height}")
 
 
-def info(args) -> None:
+def info(args) -> int:
     data = _read(args.input)
     header, z, y = unpack(data)
     summary = header.to_dict() | {"file_bytes": len(data), "z_bytes": len(z), "y_bytes": len(y), "bpp": bits_per_pixel(data)}
+    if args.check:  # entropy-decode the latent with the model: compare machines by its hash
+        from .bitstream import CHECK_BYTES
+        from .models.entropy_exact import latent_sha256
+        from .pipeline import load_pipeline
+
+        _, y_fx = load_pipeline(args.checkpoint).decode_latent(data, verify=False)
+        digest = latent_sha256(y_fx)
+        summary |= {"latent_sha256": digest, "check_ok": digest[: 2 * CHECK_BYTES] == header.check.hex()}
     print(json.dumps(summary, indent=2))
+    if args.check and not summary["check_ok"]:
+        print(f"error: {args.input}: latent check failed: it decodes to a different latent here than where it was written", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     i = sub.add_parser("info", help="print a .cdc header as JSON")
     i.add_argument("input")
+    i.add_argument("--check", action="store_true", help="also entropy-decode the latent with the model and print its SHA-256")
+    i.add_argument("--checkpoint", default=None, help="pipeline folder for --check (default: checkpoints/cdc)")
     return ap
 
 
@@ -97,14 +111,14 @@ def main(argv=None) -> int:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        {"compress": compress, "decompress": decompress, "info": info}[args.command](args)
+        status = {"compress": compress, "decompress": decompress, "info": info}[args.command](args)
     except BitstreamError as e:
         print(f"error: {args.input}: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 """The ``.cdc`` container: a fixed header, the hyper-latent and latent strings, a CRC32.
 
-Layout (big-endian)::
+Layout of format version 2 (big-endian)::
 
     magic      4s   b"\\x89CDC"
-    version    B    FORMAT_VERSION
-    model_id   8s   hash of the writing model's config and weights
-    quality    B    quality level index
+    version    B    FORMAT_VERSION (2)
+    model_id   8s   hash of the writing model's config, weights and coding tables
+    quality    H    quality in hundredths of a level (level x 100)
     width      H    original width
     height     H    original height
     pad_width  H    padded width (a multiple of the model's stride)
     pad_height H    padded height
+    check      4s   first 4 bytes of the SHA-256 of the exact decoded latent (``latent_sha256``)
     z_length   I    bytes of the hyper-latent string
     y_length   I    bytes of the latent string
     z string, y string
     crc32      I    of everything before it
 
-bpp is always 8 x file bytes / (width x height). This module knows nothing of torch.
+Version 1 (one-byte quality, no check) was written before the entropy path was exact; its files
+are refused with a request to re-encode. bpp is always 8 x file bytes / (width x height).
+This module knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import struct
 import zlib
 
 MAGIC = b"\x89CDC"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct(">4sB8sBHHHHII")
+FORMAT_VERSION = 2
+CHECK_BYTES = 4
+_HEADER = struct.Struct(">4sB8sHHHHH4sII")
 _CRC = struct.Struct(">I")
 
 
@@ -36,16 +40,25 @@ class BitstreamError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Header:
+    """``quality`` is in levels: an int for a whole level, else a multiple of 0.01."""
+
     model_id: bytes
-    quality: int
+    quality: int | float
     width: int
     height: int
     pad_width: int
     pad_height: int
+    check: bytes = bytes(CHECK_BYTES)
+
+    @property
+    def quality_x100(self) -> int:
+        """The stored quality field: hundredths of a level."""
+        return round(self.quality * 100)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["model_id"] = self.model_id.hex()
+        d["check"] = self.check.hex()
         return d
 
 
@@ -53,14 +66,16 @@ def pack(header: Header, z_string: bytes, y_string: bytes) -> bytes:
     """Serialise one image's header and strings into ``.cdc`` bytes."""
     if len(header.model_id) != 8:
         raise ValueError("model_id must be 8 bytes")
-    if not 0 <= header.quality < 256:
-        raise ValueError(f"quality {header.quality} does not fit the format")
+    if len(header.check) != CHECK_BYTES:
+        raise ValueError(f"check must be {CHECK_BYTES} bytes")
+    if not (0 <= header.quality_x100 < 65536 and abs(header.quality * 100 - header.quality_x100) < 1e-6):
+        raise ValueError(f"quality {header.quality} does not fit the format (hundredths of a level, 0 to 655.35)")
     for name in ("width", "height", "pad_width", "pad_height"):
         if not 0 < getattr(header, name) < 65536:
             raise ValueError(f"{name}={getattr(header, name)} does not fit the format")
     body = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, header.model_id, header.quality,
-        header.width, header.height, header.pad_width, header.pad_height,
+        MAGIC, FORMAT_VERSION, header.model_id, header.quality_x100,
+        header.width, header.height, header.pad_width, header.pad_height, header.check,
         len(z_string), len(y_string),
     ) + z_string + y_string
     return body + _CRC.pack(zlib.crc32(body))
@@ -71,9 +86,11 @@ def unpack(data: bytes) -> tuple[Header, bytes, bytes]:
     data = bytes(data)
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise BitstreamError("not a .cdc file (bad magic bytes)")
+    if len(data) > len(MAGIC) and data[len(MAGIC)] == 1:
+        raise BitstreamError("format version 1 .cdc files (written before exact entropy coding) are no longer read; re-encode the image")
     if len(data) < _HEADER.size + _CRC.size:
         raise BitstreamError(f"truncated .cdc file ({len(data)} bytes, header needs {_HEADER.size + _CRC.size})")
-    (_, version, model_id, quality, width, height, pad_w, pad_h, z_len, y_len) = _HEADER.unpack_from(data)
+    (_, version, model_id, quality, width, height, pad_w, pad_h, check, z_len, y_len) = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
         raise BitstreamError(f"unsupported .cdc format version {version} (this build reads {FORMAT_VERSION})")
     expected = _HEADER.size + z_len + y_len + _CRC.size
@@ -85,7 +102,7 @@ def unpack(data: bytes) -> tuple[Header, bytes, bytes]:
         raise BitstreamError("corrupt .cdc file (CRC32 mismatch)")
     if not (0 < width <= pad_w and 0 < height <= pad_h):
         raise BitstreamError("corrupt .cdc file (inconsistent image size)")
-    header = Header(model_id, quality, width, height, pad_w, pad_h)
+    header = Header(model_id, quality // 100 if quality % 100 == 0 else quality / 100, width, height, pad_w, pad_h, check)
     z_start = _HEADER.size
     return header, data[z_start : z_start + z_len], data[z_start + z_len : z_start + z_len + y_len]
 

@@ -28,6 +28,7 @@ from . import bitstream
 from .bitstream import BitstreamError
 from .images import MAX_PIXELS, load_image
 from .models.compressor import STRIDE, CDCCompressor
+from .models.entropy_exact import latent_sha256, to_float
 from .models.unet import CDCUNet
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "cdc"
@@ -99,6 +100,7 @@ class CDCPipeline(DiffusionPipeline):
         self.max_pixels = MAX_PIXELS
         self._coder = None
         self._model_id = None
+        self._refit = False
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -120,8 +122,9 @@ class CDCPipeline(DiffusionPipeline):
 
     @property
     def model_id(self) -> bytes:
-        """8-byte hash of the compressor's and UNet's configs and weights (as fp32 on the CPU)."""
+        """8-byte hash of the compressor's and UNet's configs, weights and coding tables (as fp32 on the CPU)."""
         if self._model_id is None:
+            self._entropy_coder()  # a model without coding tables gets them first
             h = hashlib.sha256()
             for module in (self.compressor, self.unet):
                 config = {k: v for k, v in module.config.items() if not k.startswith("_")}
@@ -133,21 +136,24 @@ class CDCPipeline(DiffusionPipeline):
         return self._model_id
 
     def _entropy_coder(self) -> CDCCompressor:
-        """The compressor's fp32 CPU twin: CDFs and entropy parameters never depend on the device."""
+        """The compressor's fp32 CPU twin, which runs the exact entropy path.
+
+        The coding tables come with the checkpoint; they are fitted here only for a model that has
+        none yet or after :meth:`weights_changed`.
+        """
         if self._coder is None:
             c = self.compressor
-            if c.device.type == "cpu" and c.dtype == torch.float32:
-                coder = c
-            else:
-                coder = copy.deepcopy(c).to("cpu", torch.float32)
-            coder.update(force=True)
-            self._coder = coder
+            if self._refit or not c.coding.fitted:
+                c.update(force=True)
+                self._refit = False
+            self._coder = c if c.device.type == "cpu" and c.dtype == torch.float32 else copy.deepcopy(c).to("cpu", torch.float32)
         return self._coder
 
     def weights_changed(self) -> None:
-        """Forget what was derived from the weights (CDF tables, model id); call after changing them."""
+        """The weights changed (training): refit the coding tables on next use and forget the model id."""
         self._coder = None
         self._model_id = None
+        self._refit = True
 
     def to(self, *args, **kwargs):
         self._coder = None
@@ -167,10 +173,27 @@ class CDCPipeline(DiffusionPipeline):
 
         q = torch.tensor([int(quality)], device=self.device)
         y = self.compressor.analysis(x.to(self.device, self.compressor.dtype), q)
-        coded = self._entropy_coder().compress(y.float().cpu())
-        (y_string,), (z_string,) = coded["strings"]
-        header = bitstream.Header(self.model_id, int(quality), width, height, pad_w, pad_h)
+        z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
+        check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
+        header = bitstream.Header(self.model_id, int(quality), width, height, pad_w, pad_h, check)
         return bitstream.pack(header, z_string, y_string)
+
+    @torch.no_grad()
+    def decode_latent(self, data: bytes, verify: bool = True) -> tuple[bitstream.Header, torch.Tensor]:
+        """The header and the exact latent ŷ · 2^12 (int64) of ``.cdc`` bytes, by the entropy path only.
+
+        With ``verify`` a latent that does not match the file's check is a :class:`BitstreamError`.
+        """
+        header, z_string, y_string = bitstream.unpack(data)
+        self._check_header(header)
+        shape = (header.pad_height // STRIDE, header.pad_width // STRIDE)
+        try:
+            y_fx = self._entropy_coder().decompress(z_string, y_string, shape)
+        except (RuntimeError, ValueError) as e:
+            raise BitstreamError(f"corrupt latent data ({e})") from None
+        if verify and bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES] != header.check:
+            raise BitstreamError("latent check failed: the file decodes to a different latent here than where it was written")
+        return header, y_fx
 
     @torch.no_grad()
     def decompress(
@@ -202,13 +225,8 @@ class CDCPipeline(DiffusionPipeline):
     @torch.no_grad()
     def decode_content(self, data: bytes) -> tuple[bitstream.Header, list[torch.Tensor], torch.Tensor]:
         """``.cdc`` bytes → header, content pyramid and x_base (at the padded size, in the UNet's dtype)."""
-        header, z_string, y_string = bitstream.unpack(data)
-        self._check_header(header)
-        shape = (header.pad_height // STRIDE, header.pad_width // STRIDE)
-        try:
-            y_hat = self._entropy_coder().decompress([[y_string], [z_string]], shape)
-        except (RuntimeError, ValueError) as e:
-            raise BitstreamError(f"corrupt latent data ({e})") from None
+        header, y_fx = self.decode_latent(data)
+        y_hat = to_float(y_fx)
 
         q = torch.tensor([header.quality], device=self.device)
         dtype = self.unet.dtype
@@ -234,6 +252,8 @@ class CDCPipeline(DiffusionPipeline):
             raise BitstreamError(
                 f"file was written by another model (id {header.model_id.hex()}; this checkpoint is {self.model_id.hex()})"
             )
+        if header.quality_x100 % 100:
+            raise BitstreamError(f"quality {header.quality} is not a whole level; this build decodes whole levels only")
         if header.quality >= self.num_quality_levels:
             raise BitstreamError(f"quality level {header.quality} is not in this model (0–{self.num_quality_levels - 1})")
         m = self.multiple

@@ -1,11 +1,13 @@
+import dataclasses
 import struct
+import zlib
 
 import pytest
 
 from app import bitstream
 from app.bitstream import BitstreamError, Header, pack, unpack
 
-HEADER = Header(model_id=b"\x01" * 8, quality=3, width=65, height=33, pad_width=128, pad_height=64)
+HEADER = Header(model_id=b"\x01" * 8, quality=3, width=65, height=33, pad_width=128, pad_height=64, check=b"\xab\xcd\x01\x02")
 
 
 def sample() -> bytes:
@@ -16,7 +18,17 @@ def test_round_trip():
     header, z, y = unpack(sample())
     assert header == HEADER and z == b"zz-string" and y == b"the y string"
     assert bitstream.bits_per_pixel(sample()) == 8 * len(sample()) / (65 * 33)
-    assert header.to_dict()["model_id"] == "01" * 8
+    assert header.to_dict()["model_id"] == "01" * 8 and header.to_dict()["check"] == "abcd0102"
+    assert isinstance(header.quality, int) and header.quality_x100 == 300
+
+
+def test_quality_is_stored_in_hundredths_of_a_level():
+    data = pack(dataclasses.replace(HEADER, quality=2.37), b"z", b"y")
+    assert struct.unpack_from(">H", data, 13) == (237,)
+    assert unpack(data)[0].quality == 2.37
+    for bad in (-1, 655.36, 1.234):
+        with pytest.raises(ValueError, match="quality"):
+            pack(dataclasses.replace(HEADER, quality=bad), b"", b"")
 
 
 @pytest.mark.parametrize("cut", range(0, 60))
@@ -47,10 +59,14 @@ def test_bad_magic_version_trailing_bytes():
         unpack(b"")
 
 
-def test_inconsistent_size_with_valid_crc():
-    body = struct.pack(">4sB8sBHHHHII", bitstream.MAGIC, 1, b"\0" * 8, 0, 100, 10, 64, 64, 0, 0)
-    import zlib
+def test_version_1_files_get_a_clear_message():
+    body = struct.pack(">4sB8sBHHHHII", bitstream.MAGIC, 1, b"\0" * 8, 0, 64, 64, 64, 64, 0, 0)
+    with pytest.raises(BitstreamError, match="version 1 .* re-encode"):
+        unpack(body + struct.pack(">I", zlib.crc32(body)))
 
+
+def test_inconsistent_size_with_valid_crc():
+    body = struct.pack(">4sB8sHHHHH4sII", bitstream.MAGIC, 2, b"\0" * 8, 0, 100, 10, 64, 64, b"\0" * 4, 0, 0)
     with pytest.raises(BitstreamError, match="size"):
         unpack(body + struct.pack(">I", zlib.crc32(body)))
 
@@ -60,3 +76,5 @@ def test_pack_rejects_unrepresentable_headers():
         pack(Header(b"\0" * 8, 0, 70000, 1, 70016, 64), b"", b"")
     with pytest.raises(ValueError):
         pack(Header(b"\0" * 7, 0, 1, 1, 64, 64), b"", b"")
+    with pytest.raises(ValueError):
+        pack(Header(b"\0" * 8, 0, 1, 1, 64, 64, b"\0"), b"", b"")

@@ -5,8 +5,8 @@
 
 Rate (Eq. 7's first term) uses the noisy-relaxed likelihoods of y and z; the decoder path uses
 the straight-through rounded ŷ. The gain vectors (Cui et al. 2021) give Q rate levels in one model.
-Entropy parameters are computed in fp32; the pipeline runs that part on the CPU so files are
-portable across devices.
+Training uses the float h_s; real files use its exact integer version and the stored coding tables
+(:mod:`app.models.entropy_exact`), so a file decodes to the same ŷ on every machine.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis, to_float
 
 STRIDE = 64  # z lives at H/64
 _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
@@ -78,8 +80,10 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self.entropy_bottleneck = EntropyBottleneck(n)
         self.gaussian_conditional = GaussianConditional(None)
         for module in (self.entropy_bottleneck, self.gaussian_conditional):
-            # CDF tables are derived (update()), not stored: they are rebuilt on the CPU after loading.
+            # compressai's own tables are scratch for update(); the stored ones are in self.coding.
             module._non_persistent_buffers_set.update(b for b in _CDF_BUFFERS if hasattr(module, b))
+        self.coding = CodingTables()
+        self._integer_h_s = None
 
         log2_gain = torch.linspace(-gain_spread, gain_spread, num_quality_levels)[:, None].repeat(1, m)
         self.log2_gain = nn.Parameter(log2_gain)
@@ -101,7 +105,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         return self.g_a(x) * self.gain(quality)
 
     def entropy_parameters(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ, μ) of y given ẑ, always in fp32."""
+        """(σ, μ) of y given ẑ in fp32, for training; real files use the integer h_s (``compress``)."""
         with torch.autocast(z_hat.device.type, enabled=False):
             scales, means = self.h_s(z_hat.float()).chunk(2, dim=1)
         return scales, means
@@ -126,20 +130,44 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         content, x_base = self.content(y_hat, quality)
         return CompressorOutput(content=content, x_base=x_base, likelihoods={"y": y_likelihoods, "z": z_likelihoods})
 
-    # -- coding (compressai contract: strings and shapes) ---------------------------------
-    def compress(self, y: torch.Tensor) -> dict:
-        """Entropy-code a gained latent ``y`` (on this module's device, fp32)."""
-        z = self.h_a(y)
-        z_strings = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        scales, means = self.entropy_parameters(z_hat)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
-        return {"strings": [y_strings, z_strings], "shape": z.shape[-2:]}
+    # -- coding: exact integers from ẑ on (Ballé, Johnston & Minnen 2019) ----------------------
+    def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
+        """Fit the coding tables to the float weights and store them in ``coding`` (after training only)."""
+        updated = super().update(scale_table, force=force, update_quantiles=update_quantiles)
+        if updated:
+            self.coding.freeze(self.entropy_bottleneck, self.gaussian_conditional)
+        self._integer_h_s = None
+        return updated
 
-    def decompress(self, strings: list, shape) -> torch.Tensor:
-        """ŷ from [y_strings, z_strings] and the shape of z."""
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        scales, means = self.entropy_parameters(z_hat)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        return self.gaussian_conditional.decompress(strings[0], indexes, means=means)
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._integer_h_s = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _y_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale indexes, μ in fixed point) of y from z's integer symbols."""
+        if self._integer_h_s is None:
+            self._integer_h_s = IntegerHyperSynthesis(self.h_s)
+        sigma, mu = self._integer_h_s((z_symbols << FRAC) + self.coding.z_median_fx())
+        return self.coding.scale_indexes(sigma), mu
+
+    @staticmethod
+    def _channel_indexes(shape) -> torch.Tensor:
+        return torch.arange(shape[1]).view(1, -1, 1, 1).expand(*shape)
+
+    @torch.no_grad()
+    def compress(self, y: torch.Tensor) -> tuple[bytes, bytes, torch.Tensor]:
+        """Entropy-code a gained latent ``y`` (CPU, fp32): (z string, y string, ŷ · 2^FRAC as int64)."""
+        z = self.h_a(y)  # floats only up to the symbols, which the file carries
+        z_symbols = torch.round(z - to_float(self.coding.z_median_fx())).long()
+        z_string = self.coding.encode("z", z_symbols, self._channel_indexes(z_symbols.shape))
+        indexes, mu = self._y_parameters(z_symbols)
+        y_symbols = torch.round(y - to_float(mu)).long()
+        y_string = self.coding.encode("y", y_symbols, indexes)
+        return z_string, y_string, (y_symbols << FRAC) + mu
+
+    @torch.no_grad()
+    def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
+        """ŷ · 2^FRAC (int64, exact) from the two strings and the spatial shape of z."""
+        z_symbols = self.coding.decode("z", z_string, self._channel_indexes((1, self.config.hyper_channels, *shape)))
+        indexes, mu = self._y_parameters(z_symbols)
+        return (self.coding.decode("y", y_string, indexes) << FRAC) + mu

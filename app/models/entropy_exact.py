@@ -1,0 +1,169 @@
+"""Exact entropy parameters: everything that feeds the range coder is an integer.
+
+Float convolutions differ in their last bits between kernels (CPU ISA, thread count, oneDNN on or
+off, GPU), and one scale index that comes out differently desyncs the range decoder for the rest of
+the file. Following Ballé, Johnston & Minnen, "Integer networks for data compression with
+latent-variable models" (ICLR 2019), the decoder-side path is computed in fixed point:
+
+* ẑ, the activations of h_s, σ and μ carry ``FRAC`` = 12 fractional bits (int64 tensors).
+* :class:`IntegerHyperSynthesis` is a post-training quantisation of the float h_s: each output
+  channel's weights are rounded to integers below 2^14 after scaling by a power of two 2^s, biases
+  to the accumulator's grid; LeakyReLU's slope 0.01 becomes 655 / 2^16; rounding is to nearest,
+  ties to even (IEEE). Convolutions run in float64 on integer values (weights carry the exact
+  factor 2^-s, so the sums come out already rescaled): every partial sum is a multiple of 2^-s
+  below 2^(53-s) in magnitude (checked when the layers are built), hence exact in any order.
+* σ → scale index by integer comparison with the scale table's bounds on the same grid;
+  ŷ = symbol + μ is exact in fixed point (the float ŷ is ŷ_fx · 2^-12).
+* :class:`CodingTables` holds the range coder's integer CDFs and z's medians, stored with the
+  checkpoint; only ``CDCCompressor.update()`` (after training) computes them, with float math.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from compressai import ans
+from torch import nn
+
+FRAC = 12  # fractional bits of ẑ, activations, σ, μ and ŷ
+WEIGHT_BITS = 14  # |integer weight| < 2^14
+SLOPE = 655 / 2**16  # LeakyReLU(0.01) on the negative side (exact in float64)
+CLAMP = float(1 << 24)  # inputs and activations are clamped to ±2^24 (a bound for the exactness proof)
+_EXACT = 1 << 53  # integers below this are exact in float64
+
+
+class _IntegerConv:
+    """One conv (or transposed conv) of h_s in fixed point, optionally followed by LeakyReLU(0.01)."""
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, leaky: bool):
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        w = conv.weight.detach().cpu().double()
+        out_dim = 1 if transposed else 0
+        per_out = w.transpose(0, out_dim).reshape(w.shape[out_dim], -1)
+        # Power-of-two scale per output channel from the largest weight: exact float operations only.
+        shifts = [WEIGHT_BITS - math.frexp(p)[1] for p in per_out.abs().amax(1).tolist()]
+        if min(shifts) < 1:
+            raise ValueError("h_s weight too large for the integer hyper-synthesis")
+        scale = torch.tensor([math.ldexp(1.0, s) for s in shifts], dtype=torch.float64)
+        view = (1, -1, 1, 1) if transposed else (-1, 1, 1, 1)
+        weight = torch.round(w * scale.view(view))
+        bias = conv.bias.detach().cpu().double() if conv.bias is not None else torch.zeros(len(shifts), dtype=torch.float64)
+        bias = torch.round(bias * scale * 2.0**FRAC)
+        bound = weight.transpose(0, out_dim).abs().reshape(len(shifts), -1).sum(1) * CLAMP + bias.abs()
+        if bound.max() >= _EXACT:
+            raise ValueError("h_s layer does not fit exact float64 integer arithmetic")
+        self.weight, self.bias = weight / scale.view(view), bias / scale  # exact: powers of two
+        op = F.conv_transpose2d if transposed else F.conv2d
+        kwargs = {"output_padding": conv.output_padding} if transposed else {}
+        self.op = functools.partial(op, stride=conv.stride, padding=conv.padding, **kwargs)
+        self.leaky = leaky
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer-valued float64 in and out."""
+        out = self.op(x, self.weight, self.bias).round_().clamp_(-CLAMP, CLAMP)
+        return torch.maximum(out, (out * SLOPE).round_()) if self.leaky else out
+
+
+class IntegerHyperSynthesis:
+    """h_s of the mean-scale hyperprior in fixed point: ẑ_fx ↦ (σ_fx, μ_fx), exact on any machine.
+
+    Built from the float ``h_s`` (an ``nn.Sequential`` of convs and LeakyReLU(0.01)) by exact
+    operations only, so every machine derives the same integers from the same checkpoint.
+    """
+
+    def __init__(self, h_s: nn.Sequential):
+        modules = list(h_s)
+        self.layers = []
+        for i, m in enumerate(modules):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                leaky = i + 1 < len(modules) and isinstance(modules[i + 1], nn.LeakyReLU)
+                self.layers.append(_IntegerConv(m, leaky))
+            elif not (isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.01):
+                raise TypeError(f"no integer version of {type(m).__name__}")
+
+    def __call__(self, z_fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 in, (σ, μ) as int64 out, all with ``FRAC`` fractional bits."""
+        x = z_fx.double().clamp_(-CLAMP, CLAMP)
+        for layer in self.layers:
+            x = layer(x)
+        sigma, mu = x.long().chunk(2, dim=1)
+        return sigma, mu
+
+
+def to_float(x_fx: torch.Tensor) -> torch.Tensor:
+    """A fixed-point tensor as float32 (exact below 2^24 · 2^-FRAC, correctly rounded above)."""
+    return x_fx.float() * 2.0**-FRAC
+
+
+def latent_sha256(y_fx: torch.Tensor) -> str:
+    """SHA-256 (hex) of ŷ · 2^12 as little-endian int64 in C order (N, C, H, W): the exact latent."""
+    data = y_fx.to(torch.int64).cpu().contiguous().numpy().astype("<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+class CodingTables(nn.Module):
+    """The range coder's integer tables (int32 buffers, saved with the checkpoint).
+
+    ``z_*``: one CDF per channel of z (``EntropyBottleneck``) and the channel medians in fixed point;
+    ``y_*``: one CDF per entry of the scale table (``GaussianConditional``) and the bounds between
+    entries in fixed point. CDFs are stored back to back (``*_cdf``) with their lengths; ``*_offset``
+    is each CDF's first symbol. Sizes come from the checkpoint.
+    """
+
+    NAMES = ("z_cdf", "z_cdf_length", "z_offset", "z_median", "y_cdf", "y_cdf_length", "y_offset", "scale_bounds")
+
+    def __init__(self):
+        super().__init__()
+        for name in self.NAMES:
+            self.register_buffer(name, torch.zeros(0, dtype=torch.int32))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.NAMES:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def fitted(self) -> bool:
+        return self.y_cdf.numel() > 0
+
+    @torch.no_grad()
+    def freeze(self, entropy_bottleneck, gaussian_conditional) -> None:
+        """Take the tables compressai's ``update()`` just computed (the one place float math makes them)."""
+        for prefix, module in (("z", entropy_bottleneck), ("y", gaussian_conditional)):
+            lengths = module._cdf_length.int().cpu()
+            cdf = module._quantized_cdf.int().cpu()
+            setattr(self, f"{prefix}_cdf", torch.cat([row[:n] for row, n in zip(cdf, lengths.tolist())]))
+            setattr(self, f"{prefix}_cdf_length", lengths)
+            setattr(self, f"{prefix}_offset", module._offset.int().cpu())
+        self.z_median = torch.round(entropy_bottleneck.quantiles[:, 0, 1].detach().double().cpu() * 2**FRAC).int()
+        self.scale_bounds = torch.floor(gaussian_conditional.scale_table[:-1].double().cpu() * 2**FRAC).int()
+
+    def _coder_args(self, prefix: str) -> tuple[list, list, list]:
+        lengths = getattr(self, f"{prefix}_cdf_length").tolist()
+        flat = getattr(self, f"{prefix}_cdf").tolist()
+        starts = [0, *accumulate(lengths)]
+        return [flat[a:b] for a, b in zip(starts, starts[1:])], lengths, getattr(self, f"{prefix}_offset").tolist()
+
+    def encode(self, prefix: str, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
+        """Range-code integer ``symbols`` with CDF ``indexes`` (compressai's rANS coder)."""
+        return ans.RansEncoder().encode_with_indexes(
+            symbols.reshape(-1).int().tolist(), indexes.reshape(-1).int().tolist(), *self._coder_args(prefix)
+        )
+
+    def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
+        """The int64 symbols of ``string`` for CDF ``indexes`` (same shape)."""
+        values = ans.RansDecoder().decode_with_indexes(string, indexes.reshape(-1).int().tolist(), *self._coder_args(prefix))
+        return torch.tensor(values, dtype=torch.int64).reshape(indexes.shape)
+
+    def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
+        """Index of σ in the scale table, by integer comparison: #{bounds < σ} (compressai's rule)."""
+        return torch.bucketize(sigma_fx, self.scale_bounds.long())
+
+    def z_median_fx(self) -> torch.Tensor:
+        return self.z_median.long().view(1, -1, 1, 1)

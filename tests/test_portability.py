@@ -1,0 +1,105 @@
+"""Portable files (issue #11): the entropy path is exact, so every machine decodes the same latent."""
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from app.bitstream import BitstreamError, pack, unpack
+from app.models.entropy_exact import FRAC, IntegerHyperSynthesis, latent_sha256, to_float
+from app.pipeline import DEFAULT_CHECKPOINT, load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "data" / "golden"
+HASHES = json.loads((GOLDEN / "hashes.json").read_text())
+
+
+def _portability_check():
+    spec = importlib.util.spec_from_file_location("portability_check", ROOT / "scripts" / "portability_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def golden_pipeline():
+    return load_pipeline(GOLDEN / "cdc")
+
+
+def photo(w=150, h=100) -> PIL.Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (xx * yy) % 256], -1) + np.random.default_rng(0).integers(0, 40, (h, w, 3))
+    return PIL.Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_golden_files_decode_to_their_latent_hashes(golden_pipeline):
+    for name, digest in HASHES.items():
+        header, y_fx = golden_pipeline.decode_latent((GOLDEN / name).read_bytes())
+        assert latent_sha256(y_fx) == digest, name
+        assert header.check == bytes.fromhex(digest)[:4]
+    # the coding tables came from the checkpoint: compressai's float rebuild never ran
+    assert golden_pipeline.compressor.entropy_bottleneck._quantized_cdf.numel() == 0
+    image = golden_pipeline.decompress((GOLDEN / "noisy_q3.cdc").read_bytes(), num_inference_steps=1, progress=False)
+    assert image.size == (96, 80)
+
+
+def test_same_latent_under_every_kernel_setting(tmp_path):
+    """Golden files (tiny model) and a fresh file (shipped model) under SSE4.1, AVX2, mkldnn off, ..."""
+    shipped = load_pipeline()
+    data = shipped.compress(photo(), 2)
+    (tmp_path / "fresh.cdc").write_bytes(data)
+    expected = {str(GOLDEN / n): h for n, h in HASHES.items()}
+    expected[str(tmp_path / "fresh.cdc")] = latent_sha256(shipped.decode_latent(data)[1])
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({str(GOLDEN / "cdc"): [str(GOLDEN / n) for n in HASHES],
+                                    str(DEFAULT_CHECKPOINT): [str(tmp_path / "fresh.cdc")]}))
+    results = _portability_check().run_settings(manifest)
+    assert len(results) == 7
+    for setting, hashes in results.items():
+        assert hashes == expected, setting
+
+
+def test_info_check_prints_the_latent_hash():
+    name, digest = next(iter(HASHES.items()))
+    r = subprocess.run([sys.executable, "-m", "app", "info", str(GOLDEN / name), "--check", "--checkpoint", str(GOLDEN / "cdc")],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    info = json.loads(r.stdout)
+    assert info["latent_sha256"] == digest and info["check_ok"] and info["check"] == digest[:8]
+
+
+def test_a_different_latent_is_a_clear_error(golden_pipeline):
+    data = (GOLDEN / "smooth_q1.cdc").read_bytes()
+    assert golden_pipeline.model_id == unpack(data)[0].model_id  # cached before the change below
+    coding = golden_pipeline._entropy_coder().coding
+    coding.z_median[0] += 1 << FRAC  # as if this machine computed the entropy parameters differently
+    try:
+        with pytest.raises(BitstreamError, match="latent check failed"):
+            golden_pipeline.decompress(data, num_inference_steps=1, progress=False)
+    finally:
+        coding.z_median[0] -= 1 << FRAC
+    golden_pipeline.decode_latent(data)
+
+
+def test_quality_between_levels_is_refused(tiny_pipeline):
+    header, z, y = unpack(tiny_pipeline.compress(photo(), 1))
+    assert header.quality == 1 and header.quality_x100 == 100
+    with pytest.raises(BitstreamError, match="whole level"):
+        tiny_pipeline.decompress(pack(dataclasses.replace(header, quality=1.5), z, y), progress=False)
+
+
+def test_integer_hyper_synthesis_matches_the_float_one():
+    h_s = load_pipeline().compressor.h_s
+    torch.manual_seed(0)
+    z = torch.randint(-8, 9, (1, 64, 4, 6))
+    sigma, mu = IntegerHyperSynthesis(h_s)(z << FRAC)
+    with torch.no_grad():
+        ref_sigma, ref_mu = h_s(z.float()).chunk(2, dim=1)
+    assert sigma.dtype == mu.dtype == torch.int64
+    assert (to_float(sigma) - ref_sigma).abs().max() < 2e-3 and (to_float(mu) - ref_mu).abs().max() < 2e-3
