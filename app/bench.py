@@ -170,7 +170,7 @@ def report(r: dict) -> str:
         f"weights: {r['weights']}",
         f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
         f"encode        {r['encode_s']:.3f} s",
-        f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, {r['steps']} steps, γ = {r['noise_scale']:g}: "
+        f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, K = {r['steps']}, γ = {r['noise_scale']:g}: "
         f"{r['decode_per_step_s']:.3f} s/step "
         f"(UNet forward alone {r['unet_forward_s']:.3f} s)",
         f"UNet          {r['unet_params'] / 1e6:.2f} M params, {r['unet_gflops']:.4g} GFLOPs/forward; "
