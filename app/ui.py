@@ -50,6 +50,10 @@ def _generator(seed) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed or 0))
 
 
+def _steps(steps) -> str:
+    return "1 step" if int(steps) == 1 else f"{int(steps)} steps"
+
+
 def _fmt(value, digits: int) -> str:
     return "unavailable" if value is None else f"{value:.{digits}f}"
 
@@ -101,7 +105,7 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Pr
     readout = "\n".join([
         f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
         f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s "
-        f"({int(steps)} steps, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
+        f"({_steps(steps)}, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
         "",
         "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
         "|---|---|---|---|---|---|---|",
@@ -136,7 +140,7 @@ def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.P
     seconds = (time.perf_counter() - t0) / len(seeds)
     info = (f"{header.width}×{header.height}, quality level {header.quality}, {len(data):,} bytes = "
             f"**{bits_per_pixel(data):.3f} bpp** — {seconds:.2f} s per decode "
-            f"({int(steps)} steps, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f})")
+            f"({_steps(steps)}, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f})")
     return images, info
 
 
