@@ -1,6 +1,11 @@
-"""Speed, size and memory of the codec on one image (timing only, never quality).
+"""Speed, size and memory of the codec on one image, or of a training step (timing only, never quality).
 
     python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--rho R] [--steps K] [--size 768x512] [--repeats 3]
+    python -m app.bench --train [--device cpu|cuda] [--json] [--train-steps 5] [--train-batch 32] [--train-crop 256]
+
+``--train`` times ``app.train``'s real step (``Trainer.step`` plus crop sampling) on the checkpoint's
+models with its λs, on synthetic photos: a short warm-up, then a timed stretch; crops/s is what a
+GPU round's quality scales with.
 
 The image is a deterministic synthetic one. Without a checkpoint the default configuration
 runs with random weights (labelled so): the speed is the same, the picture is not. Each timing
@@ -17,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -192,6 +198,54 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def train_throughput(args) -> dict:
+    """Crops/s, steps/s and peak memory of the training step, after ``--train-warmup`` untimed steps."""
+    from app import train
+    from app.pipeline import DEFAULT_CHECKPOINT
+
+    device = torch.device(args.device)
+    pipe, weights = load(args.checkpoint, args.device)
+    pipe = pipe.to(device, torch.float32)
+    state_file = Path(args.checkpoint or DEFAULT_CHECKPOINT) / "training_state.json"
+    lambdas = json.loads(state_file.read_text())["lambdas"] if state_file.is_file() else None
+    lambdas = lambdas or train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
+    targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
+                              "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas)])
+    trainer = train.Trainer(pipe, targs, device)
+    sampler = train.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
+
+    def step():
+        trainer.step(sampler.batch(targs.batch_size), targs.lr)
+
+    for _ in range(args.train_warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.train_steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
+    return {
+        "machine": machine_info(args.device), "device": args.device, "weights": weights,
+        "train_batch_size": targs.batch_size, "train_crop": targs.crop, "train_steps": args.train_steps,
+        "train_steps_per_s": args.train_steps / seconds, "train_crops_per_s": args.train_steps * targs.batch_size / seconds,
+        "memory": {"kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS", "peak_mib": peak},
+    }
+
+
+def train_report(r: dict) -> str:
+    m = r["machine"]
+    return "\n".join([
+        f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads; weights: {r['weights']}",
+        f"training step, batch {r['train_batch_size']} × {r['train_crop']}², {r['train_steps']} timed steps",
+        f"throughput    {r['train_crops_per_s']:.1f} crops/s ({r['train_steps_per_s']:.3f} steps/s)",
+        f"memory        {r['memory']['kind']}: {r['memory']['peak_mib']:.0f} MiB peak",
+    ])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -201,7 +255,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value at ρ)")
     p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    p.add_argument("--train", action="store_true", help="time the training step instead of the codec")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5)")
+    p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
+    p.add_argument("--train-batch", type=int, default=32, help="crops per step (default 32, the recipe's)")
+    p.add_argument("--train-crop", type=int, default=256, help="crop side (default 256, the recipe's)")
     args = p.parse_args(argv)
+    if min(args.train_steps, args.train_batch) < 1 or args.train_warmup < 0 or args.train_crop < 64 or args.train_crop % 64:
+        p.error("--train-steps and --train-batch must be ≥ 1, --train-warmup ≥ 0, --train-crop a multiple of 64")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     if not 0 <= args.rho <= 1:
@@ -213,10 +274,10 @@ def main(argv=None) -> dict:
     from app.pipeline import CheckpointError
 
     try:
-        result = run(args)
+        result = train_throughput(args) if args.train else run(args)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps(result) if args.json else report(result))
+    print(json.dumps(result) if args.json else (train_report if args.train else report)(result))
     return result
 
 

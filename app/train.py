@@ -63,13 +63,12 @@ def pack(folders, out: Path, short_side: int, quality: int) -> None:
 
 
 class CropSampler:
-    """Random crops with horizontal flips, from images held in (device) memory as uint8."""
+    """Random crops with horizontal flips, from RGB images held in (device) memory as uint8."""
 
-    def __init__(self, files, crop: int, device, seed: int):
+    def __init__(self, images, crop: int, device, seed: int):
         self.crop = crop
         self.images = []
-        for path in files:
-            img = load_image(path)
+        for img in images:
             if min(img.size) < crop:
                 scale = crop / min(img.size)
                 img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.BICUBIC)
@@ -122,6 +121,67 @@ def build_pipeline(args) -> CDCPipeline:
     return CDCPipeline(CDCCompressor(num_quality_levels=len(args.lambdas)), CDCUNet(), make_scheduler())
 
 
+class Trainer:
+    """Eq. 7 on a pipeline's compressor and UNet: Adam, compressai's aux loss, grad clipping, EMA.
+
+    :meth:`step` is one optimisation step on a batch of crops; training and ``app.bench --train``
+    both run it."""
+
+    def __init__(self, pipe: CDCPipeline, args, device: torch.device):
+        self.pipe, self.args = pipe, args
+        pipe.compressor.train()
+        pipe.unet.train()
+        self.lpips = load_lpips(args.lpips_net, device=device)
+        self.main_params, aux_params = split_parameters(pipe.compressor, pipe.unet)
+        self.params = self.main_params + aux_params
+        self.opt = torch.optim.Adam(self.main_params, lr=args.lr)
+        self.aux_opt = torch.optim.Adam(aux_params, lr=3e-3)
+        self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+        self.lambdas = torch.tensor(args.lambdas, device=device)
+        alphas = pipe.scheduler.alphas_cumprod.to(device)
+        self.snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.t_gen = torch.Generator().manual_seed(args.seed + 1)  # own stream: samplers differ only in t
+        self.grid = decode_grid()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.device = device
+
+    def step(self, x: torch.Tensor, lr: float) -> dict:
+        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors) and x̂0."""
+        compressor, unet, scheduler, args, device = self.pipe.compressor, self.pipe.unet, self.pipe.scheduler, self.args, self.device
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        n, _, h, w = x.shape
+        q = torch.randint(len(args.lambdas), (n,), generator=self.gen).to(device)
+        rho = sample_rho(n, self.gen).to(device)
+        t = sample_timesteps(n, self.t_gen, self.grid, args.grid_share, args.grid_jitter,
+                             scheduler.config.num_train_timesteps).to(device)
+        noise = torch.randn(x.shape, generator=self.gen).to(device)
+
+        with self.autocast:
+            out = compressor(x, q)
+            x_t = scheduler.add_noise(x, noise, t)
+            x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
+            perceptual = self.lpips(x0_hat, x).float()
+        bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
+        bpp = -bits / (h * w)
+        mse = (x0_hat - x).pow(2).flatten(1).mean(1)
+        base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
+        loss = (self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + rho * perceptual + base_mse).mean()
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.main_params, 1.0)
+        self.opt.step()
+        aux_loss = compressor.aux_loss()
+        self.aux_opt.zero_grad(set_to_none=True)
+        aux_loss.backward()
+        self.aux_opt.step()
+        self.ema.step(self.params)
+        return {"loss": loss, "bpp": bpp, "mse": mse, "perceptual": perceptual, "base_mse": base_mse,
+                "aux": aux_loss, "grad_norm": grad_norm, "x0_hat": x0_hat}
+
+
 @torch.no_grad()
 def validate(pipe: CDCPipeline, images, levels) -> dict:
     """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0 with the pipeline's decode defaults."""
@@ -163,6 +223,7 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
     run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device),
+           "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1),
            "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
@@ -175,7 +236,7 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
     }
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m app.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", required=True, help="image folders (never Kodak)")
     ap.add_argument("--pack-to", type=Path, help="only write a compact downscaled copy of --data here, then exit")
@@ -205,6 +266,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     if args.pack_to:
         pack(args.data, args.pack_to, args.pack_short_side, args.pack_quality)
@@ -222,27 +288,12 @@ def main(argv=None) -> None:
     prior = json.loads(prior_file.read_text()) if prior_file and prior_file.exists() else {}
     if pipe.num_quality_levels != len(args.lambdas):
         raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
-    compressor, unet, scheduler = pipe.compressor, pipe.unet, pipe.scheduler
-    compressor.train()
-    unet.train()
-    lpips_model = load_lpips(args.lpips_net, device=device)
-    sampler = CropSampler(image_files_in(args.data), args.crop, device, args.seed)
+    trainer = Trainer(pipe, args, device)
+    sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device, args.seed)
     val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val else []
     print(f"{len(sampler.images)} training images, {len(val_images)} validation images, device {device}", flush=True)
-
-    main_params, aux_params = split_parameters(compressor, unet)
-    all_params = main_params + aux_params
-    opt = torch.optim.Adam(main_params, lr=args.lr)
-    aux_opt = torch.optim.Adam(aux_params, lr=3e-3)
-    ema = EMAModel(all_params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
-    lambdas = torch.tensor(args.lambdas, device=device)
-    alphas = scheduler.alphas_cumprod.to(device)
-    snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    grid, t_gen = decode_grid(), torch.Generator().manual_seed(args.seed + 1)  # own stream: samplers differ only in t
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.log or args.out / "log.jsonl", "a")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     step = crops = 0
     next_val = next_save = 0.0
@@ -252,48 +303,20 @@ def main(argv=None) -> None:
             break
         frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-
         x = sampler.batch(args.batch_size)
-        n, _, h, w = x.shape
-        q = torch.randint(len(args.lambdas), (n,), generator=gen).to(device)
-        rho = sample_rho(n, gen).to(device)
-        t = sample_timesteps(n, t_gen, grid, args.grid_share, args.grid_jitter,
-                             scheduler.config.num_train_timesteps).to(device)
-        noise = torch.randn(x.shape, generator=gen).to(device)
-
-        with autocast:
-            out = compressor(x, q)
-            x_t = scheduler.add_noise(x, noise, t)
-            x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
-            perceptual = lpips_model(x0_hat, x).float()
-        bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
-        bpp = -bits / (h * w)
-        mse = (x0_hat - x).pow(2).flatten(1).mean(1)
-        base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
-        loss = (lambdas[q] * bpp + (1 - rho) * snr_weight[t] * mse + rho * perceptual + base_mse).mean()
-
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(main_params, 1.0)
-        opt.step()
-        aux_loss = compressor.aux_loss()
-        aux_opt.zero_grad(set_to_none=True)
-        aux_loss.backward()
-        aux_opt.step()
-        ema.step(all_params)
+        out = trainer.step(x, lr)
         step += 1
-        crops += n
+        crops += x.shape[0]
 
         if step % 50 == 0 or step == 1:
             with torch.no_grad():
-                x0_psnr = (10 * torch.log10(4 / (x0_hat.clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
-                base_psnr = (10 * torch.log10(4 / base_mse)).mean()
+                x0_psnr = (10 * torch.log10(4 / (out["x0_hat"].clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
+                base_psnr = (10 * torch.log10(4 / out["base_mse"])).mean()
             row = {
-                "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": loss.item(),
-                "bpp": bpp.mean().item(), "mse_x0": mse.mean().item(), "lpips_x0": perceptual.mean().item(),
-                "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(), "aux": aux_loss.item(), "grad_norm": grad_norm.item(),
+                "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": out["loss"].item(),
+                "bpp": out["bpp"].mean().item(), "mse_x0": out["mse"].mean().item(),
+                "lpips_x0": out["perceptual"].mean().item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
+                "aux": out["aux"].item(), "grad_norm": out["grad_norm"].item(),
             }
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
@@ -301,22 +324,23 @@ def main(argv=None) -> None:
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
             if step > 1:
-                ema.store(all_params)
-                ema.copy_to(all_params)
-                compressor.eval()
-                unet.eval()
-                row = {"step": step, "minutes": round(elapsed / 60, 3), "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2))}
-                compressor.train()
-                unet.train()
-                ema.restore(all_params)
+                trainer.ema.store(trainer.params)
+                trainer.ema.copy_to(trainer.params)
+                pipe.compressor.eval()
+                pipe.unet.eval()
+                row = {"step": step, "minutes": round(elapsed / 60, 3),
+                       "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2))}
+                pipe.compressor.train()
+                pipe.unet.train()
+                trainer.ema.restore(trainer.params)
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
         if elapsed >= next_save and step > 1:
             next_save = elapsed + args.save_every_minutes * 60
-            save(pipe, ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device))
+            save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device))
 
     minutes = (time.monotonic() - start) / 60
-    save(pipe, ema, args.out, training_state(args, prior, step, crops, minutes, device))
+    save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, minutes, device))
     print(f"saved {args.out} after {step} steps, {crops} crops, {(time.monotonic() - start) / 60:.1f} min", flush=True)
 
 

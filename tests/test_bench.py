@@ -51,3 +51,17 @@ def test_bench_text_with_random_weights(tmp_path, capsys, monkeypatch):
     bench.main(["--size", "64x64", "--steps", "1", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "random" in out and "paper UNet" in out
+
+
+def test_train_throughput_tiny(tiny_pipeline_dir, capsys):
+    result = bench.main(["--train", "--json", "--checkpoint", str(tiny_pipeline_dir), "--train-steps", "2",
+                         "--train-warmup", "1", "--train-batch", "2", "--train-crop", "64"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))
+    assert result["device"] == "cpu" and result["train_batch_size"] == 2 and result["train_crop"] == 64
+    assert result["train_crops_per_s"] == pytest.approx(2 * result["train_steps_per_s"]) and result["train_crops_per_s"] > 0
+    bench.main(["--train", "--checkpoint", str(tiny_pipeline_dir), "--train-steps", "1", "--train-warmup", "0",
+                "--train-batch", "1", "--train-crop", "64"])
+    assert "crops/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--train", "--train-crop", "100"])

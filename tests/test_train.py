@@ -30,6 +30,7 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     assert log[0]["step"] == 1 and log[0]["bpp"] > 0 and 0 < log[0]["lpips_x0"] < 2
     state = json.loads((out / "training_state.json").read_text())
     assert state["total_steps"] >= 1 and state["runs"][-1]["crops"] == 2 * state["runs"][-1]["steps"]
+    assert state["runs"][-1]["crops_per_s"] > 0 and state["runs"][-1]["timesteps"].startswith("0.5 on the")
     resumed = load_pipeline(out)
     assert resumed.num_quality_levels == 4
     assert resumed.decompress(resumed.compress(src / "0.png", 2), progress=False).size == (140, 100)
