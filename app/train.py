@@ -14,7 +14,7 @@ cosine decay over the time budget, EMA weights (what is saved), gradient clippin
 on CUDA, fp32 likelihoods.
 
     python -m app.train --data ../shared/datasets/train --out runs/cdc --max-minutes 60
-    python -m app.train --pack-to .data/train --data ../shared/datasets/train   # compact copy for the GPU machine
+    python -m app.train --pack-to .data/train --data ../shared/datasets/train   # native-resolution tiles for the GPU machine
 """
 
 from __future__ import annotations
@@ -47,19 +47,36 @@ def image_files_in(folders) -> list[Path]:
     return [p for d in folders for p in image_files(d, recursive=True)]
 
 
-def pack(folders, out: Path, short_side: int, quality: int) -> None:
-    """Downscale every image so its short side is ``short_side`` and store it as JPEG (compact, for the GPU machine)."""
+def pack(folders, out: Path, tile: int, max_mb: float, quality: int, seed: int = 0) -> dict:
+    """Random ``tile``² tiles of the photos at their own resolution, as JPEG, until ``max_mb`` (for the GPU machine).
+
+    No downscaling, so the statistics stay those of the photos. Round-robin over the photos in a
+    seeded order: every photo gives one tile before any gives a second, and a photo gives at most
+    area / tile² tiles; photos smaller than a tile are stored whole."""
+    rng = random.Random(seed)
+    photos = [load_image(p) for p in image_files_in(folders)]
+    rng.shuffle(photos)
     out.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for i, path in enumerate(image_files_in(folders)):
-        img = load_image(path)
-        scale = short_side / min(img.size)
-        if scale < 1:
-            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
-        target = out / f"{i:05d}.jpg"
-        img.save(target, quality=quality)
-        total += target.stat().st_size
-    print(f"packed {i + 1} images into {out} ({total / 1e6:.1f} MB)")
+    budget, total, pixels, count = max_mb * 1e6, 0, 0, 0
+    for round_ in range(max(1, max(p.width * p.height for p in photos) // tile**2)):
+        for img in photos:
+            if round_ >= max(1, img.width * img.height // tile**2):
+                continue
+            left, top = rng.randint(0, max(0, img.width - tile)), rng.randint(0, max(0, img.height - tile))
+            piece = img.crop((left, top, min(img.width, left + tile), min(img.height, top + tile)))
+            target = out / f"{count:05d}.jpg"
+            piece.save(target, quality=quality)
+            size = target.stat().st_size
+            if total + size > budget:
+                target.unlink()
+                return _packed(out, count, pixels, total, len(photos))
+            total, pixels, count = total + size, pixels + piece.width * piece.height, count + 1
+    return _packed(out, count, pixels, total, len(photos))
+
+
+def _packed(out: Path, count: int, pixels: int, total: int, photos: int) -> dict:
+    print(f"packed {count} tiles ({pixels / 1e6:.1f} Mpx) from {photos} photos into {out} ({total / 1e6:.1f} MB)")
+    return {"tiles": count, "pixels": pixels, "bytes": total, "photos": photos}
 
 
 class CropSampler:
@@ -239,9 +256,11 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m app.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", required=True, help="image folders (never Kodak)")
-    ap.add_argument("--pack-to", type=Path, help="only write a compact downscaled copy of --data here, then exit")
-    ap.add_argument("--pack-short-side", type=int, default=256)
-    ap.add_argument("--pack-quality", type=int, default=90, help="JPEG quality of the packed copy")
+    ap.add_argument("--pack-to", type=Path, help="only write native-resolution tiles of --data here, then exit")
+    ap.add_argument("--pack-tile", type=int, default=256, help="tile side in pixels (default 256, the crop)")
+    ap.add_argument("--pack-max-mb", type=float, default=28.0,
+                    help="size of the packed set in MB (default 28: it travels with the repo and the wheels, 64 MiB)")
+    ap.add_argument("--pack-quality", type=int, default=85, help="JPEG quality of the packed tiles")
     ap.add_argument("--out", type=Path, default=Path("runs/cdc"))
     ap.add_argument("--resume", type=Path, help="pipeline folder to continue from (e.g. checkpoints/cdc)")
     ap.add_argument("--max-minutes", type=float, default=30.0)
@@ -273,7 +292,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
 
     if args.pack_to:
-        pack(args.data, args.pack_to, args.pack_short_side, args.pack_quality)
+        pack(args.data, args.pack_to, args.pack_tile, args.pack_max_mb, args.pack_quality, args.seed)
         return
 
     start = time.monotonic()

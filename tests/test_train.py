@@ -16,9 +16,13 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (100 + i, 140, 3), dtype=np.uint8)).save(src / f"{i}.png")
     packed = tmp_path / "packed"
-    train.main(["--data", str(src), "--pack-to", str(packed), "--pack-short-side", "80"])
-    assert sorted(p.name for p in packed.iterdir()) == ["00000.jpg", "00001.jpg", "00002.jpg"]
-    assert min(Image.open(packed / "00000.jpg").size) == 80
+    train.main(["--data", str(src), "--pack-to", str(packed), "--pack-tile", "64"])
+    tiles = sorted(packed.iterdir())
+    assert len(tiles) == 3 * 3  # every photo gives area // 64² = 3 tiles, at its own resolution
+    assert all(Image.open(t).size == (64, 64) for t in tiles)
+    small = train.pack([src], tmp_path / "small", tile=64, max_mb=2.5 * tiles[0].stat().st_size / 1e6, quality=90)
+    assert small["tiles"] == 2 and small["bytes"] <= 2.5 * tiles[0].stat().st_size  # the budget is never exceeded
+    assert small["pixels"] == 2 * 64 * 64 and small["photos"] == 3
 
     out = tmp_path / "run"
     train.main([
