@@ -85,7 +85,10 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Pr
     data = pipe.compress(original, int(quality))
     encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recon = pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale))
+    try:
+        recon = pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale))
+    except ValueError as e:  # out-of-range settings from an API call (the sliders keep them in range)
+        raise _error(f"Cannot decode with these settings: {e}.") from None
     decode_s = time.perf_counter() - t0
     bpp = bits_per_pixel(data)
 
@@ -136,6 +139,8 @@ def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.P
             img = pipe.decompress(data, int(steps), float(rho), _generator(s), float(noise_scale))
         except BitstreamError as e:
             raise _error(f"Cannot decode this file: {e}.") from None
+        except ValueError as e:
+            raise _error(f"Cannot decode with these settings: {e}.") from None
         images.append((img, f"seed {s}"))
     seconds = (time.perf_counter() - t0) / len(seeds)
     info = (f"{header.width}×{header.height}, quality level {header.quality}, {len(data):,} bytes = "

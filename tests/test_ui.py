@@ -102,6 +102,9 @@ def test_compress_errors(tiny_pipeline, tmp_path):
     big = tmp_path / "big.png"
     Image.new("L", (2049, 2048)).save(big)
     assert f"the limit is {2048 * 2048} pixels" in _error(ui.compress, tiny_pipeline, str(big), 0, 0.9, 1, 1.0, 0)
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (32, 32)).save(ok)
+    assert "rho must be in [0, 1]" in _error(ui.compress, tiny_pipeline, str(ok), 0, 7, 1, 1.0, 0)  # an API call
 
 
 def test_decompress(tiny_pipeline, compressed, tmp_path):
@@ -133,6 +136,8 @@ def test_decompress_errors(tiny_pipeline, compressed, photo, tmp_path):
     huge = tmp_path / "huge.cdc"
     huge.write_bytes(pack(Header(b"\0" * 8, 0, 4096, 4096, 4096, 4096), b"z", b"y"))
     assert "2048×2048" in _error(ui.decompress, tiny_pipeline, str(huge), 0.9, 2, 1.0, 0, 1)
+    message = _error(ui.decompress, tiny_pipeline, compressed[3], 0.9, 2, -1.0, 0, 1)  # an API call's bad γ
+    assert "noise_scale must be in [0, 1]" in message
 
 
 def test_build_demo(tiny_pipeline):
