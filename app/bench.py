@@ -203,15 +203,15 @@ def train_throughput(args) -> dict:
     from app import train
     from app.pipeline import DEFAULT_CHECKPOINT
 
-    device = torch.device(args.device)
-    pipe, weights = load(args.checkpoint, args.device)
-    pipe = pipe.to(device, torch.float32)
+    pipe, weights = load(args.checkpoint, "cpu")
+    pipe = pipe.to(torch.float32)
     state_file = Path(args.checkpoint or DEFAULT_CHECKPOINT) / "training_state.json"
     lambdas = json.loads(state_file.read_text())["lambdas"] if state_file.is_file() else None
     lambdas = lambdas or train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
     targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
                               "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas)])
-    trainer = train.Trainer(pipe, targs, device)
+    trainer = train.Trainer(pipe, targs)
+    device = trainer.device
     sampler = train.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
 
     def step():

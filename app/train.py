@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
@@ -141,31 +143,44 @@ def build_pipeline(args) -> CDCPipeline:
 class Trainer:
     """Eq. 7 on a pipeline's compressor and UNet: Adam, compressai's aux loss, grad clipping, EMA.
 
-    :meth:`step` is one optimisation step on a batch of crops; training and ``app.bench --train``
-    both run it."""
+    Runs through Hugging Face accelerate: ``python -m app.train`` trains in one process (GPU or CPU),
+    ``accelerate launch -m app.train`` data-parallel (DDP: gradients are averaged, every process
+    draws its own crops). bf16 autocast on CUDA, likelihoods in fp32. :meth:`step` is one
+    optimisation step; training and ``app.bench --train`` both run it."""
 
-    def __init__(self, pipe: CDCPipeline, args, device: torch.device):
-        self.pipe, self.args = pipe, args
+    def __init__(self, pipe: CDCPipeline, args):
+        cuda = args.device.startswith("cuda")
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.device = device = self.accelerator.device
+        self.pipe, self.args = pipe.to(device), args
         pipe.compressor.train()
         pipe.unet.train()
         self.lpips = load_lpips(args.lpips_net, device=device)
         self.main_params, aux_params = split_parameters(pipe.compressor, pipe.unet)
         self.params = self.main_params + aux_params
-        self.opt = torch.optim.Adam(self.main_params, lr=args.lr)
-        self.aux_opt = torch.optim.Adam(aux_params, lr=3e-3)
+        opt = torch.optim.Adam(self.main_params, lr=args.lr)
+        aux_opt = torch.optim.Adam(aux_params, lr=3e-3)  # the quantiles: local to each process, refit at save
+        self.compressor, self.unet, self.opt, self.aux_opt = self.accelerator.prepare(
+            pipe.compressor, pipe.unet, opt, aux_opt)
         self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
         self.lambdas = torch.tensor(args.lambdas, device=device)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
         self.snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
-        self.gen = torch.Generator().manual_seed(args.seed)
-        self.t_gen = torch.Generator().manual_seed(args.seed + 1)  # own stream: samplers differ only in t
+        rank = 1000 * self.accelerator.process_index  # process 0 keeps the seeds of a single-process run
+        self.gen = torch.Generator().manual_seed(args.seed + rank)
+        self.t_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # own stream: samplers differ only in t
         self.grid = decode_grid()
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        self.device = device
+
+    def main_clock(self, seconds: float) -> float:
+        """Process 0's elapsed seconds on every process, so all stop and schedule the LR alike."""
+        if self.accelerator.num_processes == 1:
+            return seconds
+        return broadcast(torch.tensor([seconds], device=self.device)).item()
 
     def step(self, x: torch.Tensor, lr: float) -> dict:
         """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors) and x̂0."""
-        compressor, unet, scheduler, args, device = self.pipe.compressor, self.pipe.unet, self.pipe.scheduler, self.args, self.device
+        compressor, unet, scheduler, args, device = self.compressor, self.unet, self.pipe.scheduler, self.args, self.device
         for g in self.opt.param_groups:
             g["lr"] = lr
         n, _, h, w = x.shape
@@ -175,7 +190,7 @@ class Trainer:
                              scheduler.config.num_train_timesteps).to(device)
         noise = torch.randn(x.shape, generator=self.gen).to(device)
 
-        with self.autocast:
+        with self.accelerator.autocast():
             out = compressor(x, q)
             x_t = scheduler.add_noise(x, noise, t)
             x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
@@ -187,10 +202,10 @@ class Trainer:
         loss = (self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + rho * perceptual + base_mse).mean()
 
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.main_params, 1.0)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.main_params, 1.0)
         self.opt.step()
-        aux_loss = compressor.aux_loss()
+        aux_loss = self.pipe.compressor.aux_loss()
         self.aux_opt.zero_grad(set_to_none=True)
         aux_loss.backward()
         self.aux_opt.step()
@@ -237,9 +252,9 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
     (out / "training_state.json").write_text(json.dumps(state, indent=2))
 
 
-def training_state(args, prior: dict, step: int, crops: int, minutes: float, device) -> dict:
+def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
-    run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device),
+    run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
            "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1),
            "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
@@ -298,26 +313,31 @@ def main(argv=None) -> None:
     start = time.monotonic()
     budget = args.max_minutes * 60
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    pipe = build_pipeline(args).to(device)
+    pipe = build_pipeline(args)
     prior_file = args.resume / "training_state.json" if args.resume else None
     prior = json.loads(prior_file.read_text()) if prior_file and prior_file.exists() else {}
     if pipe.num_quality_levels != len(args.lambdas):
         raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
-    trainer = Trainer(pipe, args, device)
-    sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device, args.seed)
-    val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val else []
-    print(f"{len(sampler.images)} training images, {len(val_images)} validation images, device {device}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.log or args.out / "log.jsonl", "a")
+    trainer = Trainer(pipe, args)
+    accelerator, device = trainer.accelerator, trainer.device
+    main_process, processes = accelerator.is_main_process, accelerator.num_processes
+    sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device,
+                          args.seed + accelerator.process_index)
+    val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val and main_process else []
+    log = None
+    if main_process:
+        print(f"{len(sampler.images)} training images, {len(val_images)} validation images, "
+              f"{processes} process(es) on {device}", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = open(args.log or args.out / "log.jsonl", "a")
 
     step = crops = 0
     next_val = next_save = 0.0
     while True:
-        elapsed = time.monotonic() - start
+        elapsed = trainer.main_clock(time.monotonic() - start)
         if elapsed >= budget or step == args.max_steps:
             break
         frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
@@ -325,7 +345,9 @@ def main(argv=None) -> None:
         x = sampler.batch(args.batch_size)
         out = trainer.step(x, lr)
         step += 1
-        crops += x.shape[0]
+        crops += x.shape[0] * processes
+        if not main_process:
+            continue
 
         if step % 50 == 0 or step == 1:
             with torch.no_grad():
@@ -356,11 +378,14 @@ def main(argv=None) -> None:
                 log.write(json.dumps(row) + "\n")
         if elapsed >= next_save and step > 1:
             next_save = elapsed + args.save_every_minutes * 60
-            save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device))
+            save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device, processes))
 
-    minutes = (time.monotonic() - start) / 60
-    save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, minutes, device))
-    print(f"saved {args.out} after {step} steps, {crops} crops, {(time.monotonic() - start) / 60:.1f} min", flush=True)
+    accelerator.wait_for_everyone()
+    if main_process:
+        minutes = (time.monotonic() - start) / 60
+        save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, minutes, device, processes))
+        print(f"saved {args.out} after {step} steps, {crops} crops, {minutes:.1f} min", flush=True)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

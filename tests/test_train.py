@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from app import train
 from app.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
@@ -66,3 +69,27 @@ def test_timestep_sampler_favours_the_decode_grid_at_the_requested_share():
     assert near_grid(uniform, 8) == pytest.approx(window, abs=0.02) and uniform.max() <= 999
     assert torch.equal(draw(0.5, 8, seed=3), draw(0.5, 8, seed=3))
     assert not torch.equal(draw(0.5, 8, seed=3), draw(0.5, 8, seed=4))
+
+
+def test_two_process_data_parallel_run_on_cpu(tiny_pipeline_dir, tmp_path):
+    """accelerate under torch.distributed (gloo on the CPU): two processes, one checkpoint."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "app.train",
+           "--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2",
+           "--batch-size", "2", "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((out / "training_state.json").read_text())["runs"][-1]
+    assert run["processes"] == 2 and run["steps"] == 2 and run["crops"] == 2 * 2 * 2
+    assert load_pipeline(out).num_quality_levels == 4
