@@ -1,6 +1,6 @@
 """Command line codec.
 
-    python -m app compress INPUT OUTPUT.cdc [--quality N] [--checkpoint DIR] [--device cpu|cuda]
+    python -m app compress INPUT OUTPUT.cdc [--quality Q | --bpp B | --max-bytes N] [--checkpoint DIR] [--device cpu|cuda]
     python -m app decompress INPUT.cdc OUTPUT.png [--rho R] [--steps K] [--noise-scale G] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
     python -m app info INPUT.cdc [--check [--checkpoint DIR]]
 
@@ -34,10 +34,17 @@ def _write(path: str, data: bytes) -> None:
 def compress(args) -> None:
     from .pipeline import load_pipeline
 
+    import time
+
     pipe = load_pipeline(args.checkpoint, args.device)
-    data = pipe.compress(args.input, args.quality)
+    quality = 2 if args.quality is None and args.bpp is None and args.max_bytes is None else args.quality
+    t0 = time.perf_counter()
+    data = pipe.compress(args.input, quality, max_bytes=args.max_bytes, bpp=args.bpp)
+    seconds = time.perf_counter() - t0
     _write(args.output, data)
-    print(f"{args.output}: {len(data)} bytes, {bits_per_pixel(data):.4f} bpp, quality {args.quality}")
+    probes = f", {pipe.last_probes} probes in {seconds:.2f} s" if pipe.last_probes > 1 else ""
+    print(f"{args.output}: {len(data)} bytes, {bits_per_pixel(data):.4f} bpp, "
+          f"quality {unpack(data)[0].quality}{probes}")
 
 
 def decompress(args) -> None:
@@ -85,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="image → .cdc")
     c.add_argument("input")
     c.add_argument("output")
-    c.add_argument("--quality", type=int, default=2, help="quality level, 0 = smallest files (default 2)")
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--quality", type=float, help="quality in [0, Q-1], 0 = smallest files, fractions to 0.01 "
+                        "(default 2)")
+    target.add_argument("--bpp", type=float, help="the largest file not above this many bits per pixel")
+    target.add_argument("--max-bytes", type=int, help="the largest file not above this many bytes")
     d = sub.add_parser("decompress", help=".cdc → PNG")
     d.add_argument("input")
     d.add_argument("output")

@@ -98,6 +98,7 @@ class CDCPipeline(DiffusionPipeline):
         table = UNTUNED_DECODE if decode_defaults is None else decode_defaults
         self.register_to_config(decode_defaults=check_decode_defaults(table))
         self.max_pixels = MAX_PIXELS
+        self.last_probes = 0  # encodes run by the last compress() (1, or a bisection's count)
         self._coder = None
         self._model_id = None
         self._refit = False
@@ -160,23 +161,70 @@ class CDCPipeline(DiffusionPipeline):
         return super().to(*args, **kwargs)
 
     # -- codec ------------------------------------------------------------------------------
+    def _quality_x100(self, quality) -> int:
+        """A quality in [0, Q−1] (any real number; stored to 1/100 of a level) as hundredths."""
+        top = self.num_quality_levels - 1
+        if isinstance(quality, bool) or not isinstance(quality, (int, float, np.integer, np.floating)) \
+                or not 0 <= float(quality) <= top:  # also rejects NaN
+            raise ValueError(f"quality must be a number in [0, {top}], got {quality!r}")
+        return round(float(quality) * 100)
+
     @torch.no_grad()
-    def compress(self, image, quality: int) -> bytes:
-        """Encode ``image`` (anything :func:`app.images.load_image` reads) at ``quality`` ∈ [0, Q)."""
-        if not (isinstance(quality, (int, np.integer)) and 0 <= quality < self.num_quality_levels):
-            raise ValueError(f"quality must be an integer in [0, {self.num_quality_levels - 1}], got {quality!r}")
+    def compress(self, image, quality: float | None = None, *, max_bytes: int | None = None,
+                 bpp: float | None = None) -> bytes:
+        """Encode ``image`` (anything :func:`app.images.load_image` reads) at ``quality`` ∈ [0, Q−1], fractional
+        qualities to 1/100 of a level; or as the largest file not above ``max_bytes`` bytes or ``bpp`` bits per pixel
+        (bisection over the quality, running the encoder's last step and the entropy coder per probe;
+        ``last_probes`` tells how many)."""
+        if sum(v is not None for v in (quality, max_bytes, bpp)) != 1:
+            raise ValueError("give exactly one of quality, max_bytes and bpp")
         img = load_image(image, self.max_pixels)
         width, height = img.size
         m = self.multiple
         pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
         x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")
+        features = self.compressor.g_a(x.to(self.device, self.compressor.dtype))
 
-        q = torch.tensor([int(quality)], device=self.device)
-        y = self.compressor.analysis(x.to(self.device, self.compressor.dtype), q)
-        z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
-        check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
-        header = bitstream.Header(self.model_id, int(quality), width, height, pad_w, pad_h, check)
-        return bitstream.pack(header, z_string, y_string)
+        self.last_probes = 0
+
+        def encode(q100: int) -> bytes:
+            self.last_probes += 1
+            q = torch.tensor([q100 / 100], device=self.device)
+            y = features * self.compressor.gain(q)
+            z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
+            check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
+            level = q100 // 100 if q100 % 100 == 0 else q100 / 100
+            header = bitstream.Header(self.model_id, level, width, height, pad_w, pad_h, check)
+            return bitstream.pack(header, z_string, y_string)
+
+        if quality is not None:
+            return encode(self._quality_x100(quality))
+        if bpp is not None:
+            if not (isinstance(bpp, (int, float)) and bpp > 0 and math.isfinite(bpp)):
+                raise ValueError(f"bpp must be a positive number, got {bpp!r}")
+            max_bytes = math.floor(bpp * width * height / 8)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        return self._largest_within(encode, int(max_bytes))
+
+    def _largest_within(self, encode, max_bytes: int) -> bytes:
+        """Bisection over the quality in hundredths (the rate grows with it): the largest file ≤ max_bytes."""
+        best = encode(0)
+        if len(best) > max_bytes:
+            raise ValueError(f"no file fits in {max_bytes} bytes: the smallest this model writes for this image "
+                             f"is {len(best)} bytes (quality 0)")
+        low, high = 0, (self.num_quality_levels - 1) * 100  # encode(low) fits
+        top = encode(high)
+        if len(top) <= max_bytes:
+            return top
+        while high - low > 1:
+            mid = (low + high) // 2
+            data = encode(mid)
+            if len(data) <= max_bytes:
+                low, best = mid, data
+            else:
+                high = mid
+        return best
 
     @torch.no_grad()
     def decode_latent(self, data: bytes, verify: bool = True) -> tuple[bitstream.Header, torch.Tensor]:
@@ -228,7 +276,7 @@ class CDCPipeline(DiffusionPipeline):
         header, y_fx = self.decode_latent(data)
         y_hat = to_float(y_fx)
 
-        q = torch.tensor([header.quality], device=self.device)
+        q = torch.tensor([header.quality_x100 / 100], device=self.device)
         dtype = self.unet.dtype
         content, x_base = self.compressor.content(y_hat.to(self.device, self.compressor.dtype), q)
         return header, [f.to(dtype) for f in content], x_base.to(dtype)
@@ -252,10 +300,8 @@ class CDCPipeline(DiffusionPipeline):
             raise BitstreamError(
                 f"file was written by another model (id {header.model_id.hex()}; this checkpoint is {self.model_id.hex()})"
             )
-        if header.quality_x100 % 100:
-            raise BitstreamError(f"quality {header.quality} is not a whole level; this build decodes whole levels only")
-        if header.quality >= self.num_quality_levels:
-            raise BitstreamError(f"quality level {header.quality} is not in this model (0–{self.num_quality_levels - 1})")
+        if header.quality > self.num_quality_levels - 1:
+            raise BitstreamError(f"quality {header.quality} is not in this model (0–{self.num_quality_levels - 1})")
         m = self.multiple
         if header.pad_width != -(-header.width // m) * m or header.pad_height != -(-header.height // m) * m:
             raise BitstreamError("corrupt .cdc file (padded size does not match the image size)")
@@ -265,7 +311,7 @@ class CDCPipeline(DiffusionPipeline):
     def __call__(
         self,
         image,
-        quality: int,
+        quality: float,
         num_inference_steps: int | None = None,
         rho: float = 0.9,
         generator: torch.Generator | None = None,

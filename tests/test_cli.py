@@ -31,6 +31,11 @@ def assert_one_line_error(result):
 
 def test_round_trip_with_a_pipeline_folder(tiny_pipeline_dir, photo_file, tmp_path):
     cdc, png = tmp_path / "a.cdc", tmp_path / "a.png"
+    r = cli("compress", photo_file, cdc, "--quality", 1.25, "--checkpoint", tiny_pipeline_dir)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(cli("info", cdc).stdout)["quality"] == 1.25
+    r = cli("compress", photo_file, cdc, "--max-bytes", cdc.stat().st_size, "--checkpoint", tiny_pipeline_dir)
+    assert r.returncode == 0 and "probes in" in r.stdout, r.stderr
     r = cli("compress", photo_file, cdc, "--quality", 1, "--checkpoint", tiny_pipeline_dir)
     assert r.returncode == 0, r.stderr
     r = cli("decompress", cdc, png, "--steps", 2, "--noise-scale", 0.8, "--rho", 0.5, "--seed", 3,
@@ -70,6 +75,11 @@ def test_bad_inputs_are_one_line_errors(tiny_pipeline_dir, photo_file, tmp_path)
     assert_one_line_error(cli("info", tmp_path / "missing.cdc"))
     cdc = tmp_path / "ok.cdc"
     assert cli("compress", photo_file, cdc, "--checkpoint", tiny_pipeline_dir).returncode == 0
+    for flags in (["--quality", -1], ["--quality", "nan"], ["--quality", 99], ["--max-bytes", 10], ["--bpp", 0]):
+        assert_one_line_error(cli("compress", photo_file, tmp_path / "x.cdc", *flags, "--checkpoint", tiny_pipeline_dir))
+    assert not (tmp_path / "x.cdc").exists()
+    r = cli("compress", photo_file, tmp_path / "x.cdc", "--max-bytes", 10)
+    assert "the smallest this model writes for this image is" in r.stderr
     for flags in (["--noise-scale", -0.5], ["--noise-scale", "nan"], ["--steps", 0]):
         r = cli("decompress", cdc, tmp_path / "out.png", *flags, "--checkpoint", tiny_pipeline_dir)
         assert_one_line_error(r)

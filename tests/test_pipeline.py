@@ -4,9 +4,11 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from app.bitstream import BitstreamError, Header, pack, unpack
+from app.bitstream import BitstreamError, Header, bits_per_pixel, pack, unpack
 from app.pipeline import CDCPipeline, CheckpointError, load_pipeline, make_scheduler
-from conftest import make_tiny_pipeline
+from conftest import ROOT, make_tiny_pipeline
+
+ASSETS = ROOT / "assets"
 
 
 def photo(w=96, h=80, seed=0) -> Image.Image:
@@ -39,9 +41,39 @@ def test_same_seed_same_image_and_seed_changes_texture(tiny_pipeline):
 def test_quality_levels_are_stored_and_validated(tiny_pipeline):
     for q in range(tiny_pipeline.num_quality_levels):
         assert unpack(tiny_pipeline.compress(photo(), q))[0].quality == q
-    for bad in (-1, tiny_pipeline.num_quality_levels, 1.5):
-        with pytest.raises(ValueError, match="quality"):
+    for bad in (-1, tiny_pipeline.num_quality_levels - 0.99, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="quality must be a number"):
             tiny_pipeline.compress(photo(), bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_pipeline.compress(photo())
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_pipeline.compress(photo(), 1, max_bytes=1000)
+    for kw in ({"max_bytes": 0}, {"max_bytes": 2.5}, {"bpp": -1.0}, {"bpp": float("inf")}):
+        with pytest.raises(ValueError, match="max_bytes|bpp"):
+            tiny_pipeline.compress(photo(), **kw)
+
+
+def test_fractional_quality_round_trip(tiny_pipeline):
+    data = tiny_pipeline.compress(photo(), 1.375)  # stored to 1/100 of a level
+    header = unpack(data)[0]
+    assert header.quality == 1.38 and header.quality_x100 == 138
+    assert decode(tiny_pipeline, data).size == (96, 80)
+    assert unpack(tiny_pipeline.compress(photo(), 2.0))[0].quality == 2  # whole levels stay whole
+    assert tiny_pipeline.compress(photo(), 2.0) == tiny_pipeline.compress(photo(), 2)
+
+
+def test_continuous_rate_and_size_targets_with_the_shipped_model():
+    pipe = load_pipeline()
+    img = Image.open(ASSETS / "chelsea.png")
+    sizes = [len(pipe.compress(img, q / 5)) for q in range(26)]  # 0, 0.2, …, 5
+    assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+    for target in (sizes[0] + 50, (sizes[0] + sizes[-1]) // 2, sizes[-1] - 50):
+        data = pipe.compress(img, max_bytes=target)
+        assert target * 0.97 <= len(data) <= target and pipe.last_probes <= 12
+    assert len(pipe.compress(img, max_bytes=10 * sizes[-1])) == sizes[-1]
+    assert bits_per_pixel(pipe.compress(img, bpp=0.3)) <= 0.3
+    with pytest.raises(ValueError, match=f"smallest this model writes for this image is {sizes[0]} bytes"):
+        pipe.compress(img, max_bytes=sizes[0] - 1)
 
 
 def test_decoding_arguments_are_validated(tiny_pipeline):

@@ -97,8 +97,14 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
 
     # -- pieces ---------------------------------------------------------------------------
     def gain(self, quality: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Per-channel (inverse) gain at ``quality`` ∈ [0, Q−1]; between levels the gains are interpolated
+        exponentially (Cui et al. 2021, continuous rate adaptation): log2 gain is linear in q."""
         table = self.log2_inverse_gain if inverse else self.log2_gain
-        return torch.exp2(table[quality])[:, :, None, None]
+        if not quality.is_floating_point():
+            return torch.exp2(table[quality])[:, :, None, None]
+        low = quality.floor().long().clamp(0, len(table) - 2)
+        frac = (quality - low).to(table.dtype)[:, None]
+        return torch.exp2(table[low] * (1 - frac) + table[low + 1] * frac)[:, :, None, None]
 
     def analysis(self, x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         """y = g_a(x) · gain[q]; ``x`` in [-1, 1], sides multiples of 64."""
