@@ -207,6 +207,30 @@ def bd_rates(means: list[dict], codecs) -> list[dict]:
     return out
 
 
+def _quality(value: float) -> int | float:
+    """A quality as the file stores it: whole levels as int, else to 1/100 of a level."""
+    value = round(float(value), 2)
+    return int(value) if value.is_integer() else value
+
+
+def continuity(means: list[dict]) -> list[dict]:
+    """Per ρ: are bpp and PSNR monotone in the quality, and the BD-rate (PSNR, LPIPS) of the fractional
+    qualities' curve against the whole levels' (≈ 0 when interpolated points lie on the levels' curve)."""
+    out = []
+    for rho in sorted({m["rho"] for m in means if m["codec"] == "cdc"}):
+        ms = sorted((m for m in means if m["codec"] == "cdc" and m["rho"] == rho), key=lambda m: m["level"])
+        whole = [m for m in ms if float(m["level"]).is_integer()]
+        fractional = [m for m in ms if not float(m["level"]).is_integer()]
+        entry = {"rho": rho, "bpp_monotone": all(a["bpp"] < b["bpp"] for a, b in zip(ms, ms[1:])),
+                 "psnr_monotone": all(a["psnr"] <= b["psnr"] for a, b in zip(ms, ms[1:]))}
+        for metric, sign in (("psnr", 1), ("lpips", -1)):
+            entry[f"bd_rate_fractional_vs_levels_{metric}"] = bd_rate(
+                [m["bpp"] for m in whole], [None if m[metric] is None else sign * m[metric] for m in whole],
+                [m["bpp"] for m in fractional], [None if m[metric] is None else sign * m[metric] for m in fractional])
+        out.append(entry)
+    return out
+
+
 # -- output ---------------------------------------------------------------------------------
 def _fmt(value, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -255,6 +279,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
         lines.append("\nBD-rate: bits we need vs the codec at equal PSNR or LPIPS on the mean curves (negative = we need"
                      " fewer; – where the curves do not overlap).")
+    fractional = [c for c in result.get("continuous", []) if c["bd_rate_fractional_vs_levels_psnr"] is not None]
+    if fractional:
+        lines += ["", "| ρ | bpp monotone in quality | PSNR monotone | BD-rate of fractional qualities vs levels "
+                  "(PSNR / LPIPS) |", "|---|---|---|---|"]
+        for c in fractional:
+            rates = " / ".join("–" if c[f"bd_rate_fractional_vs_levels_{k}"] is None
+                               else f"{c[f'bd_rate_fractional_vs_levels_{k}']:+.1f}%" for k in ("psnr", "lpips"))
+            lines.append(f"| {c['rho']:g} | {'yes' if c['bpp_monotone'] else 'no'} | "
+                         f"{'yes' if c['psnr_monotone'] else 'no'} | {rates} |")
     return "\n".join(lines)
 
 
@@ -328,7 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="folder of images (e.g. Kodak)")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint)")
-    p.add_argument("--levels", type=int, nargs="+", help="quality levels (default: all)")
+    p.add_argument("--levels", type=float, nargs="+", help="qualities, fractions allowed (default: the whole levels)")
+    p.add_argument("--sweep", type=int, help="instead of --levels: this many qualities evenly over [0, Q-1]")
     p.add_argument("--rhos", type=float, nargs="+", default=list(DEFAULT_RHOS), help="perceptual weights ρ")
     p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value per ρ)")
     p.add_argument("--noise-scale", type=float, help="initial noise scale γ (default: the pipeline's tuned value per ρ)")
@@ -343,6 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--limit must be at least 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.sweep is not None and (args.sweep < 2 or args.levels):
+        p.error("--sweep needs at least 2 points and replaces --levels")
     if args.noise_scale is not None and not 0 <= args.noise_scale <= 1:
         p.error("--noise-scale must lie in [0, 1]")
     if any(not 0 <= r <= 1 for r in args.rhos):
@@ -360,10 +396,14 @@ def main(argv=None) -> dict:
         pipe = load_pipeline(args.checkpoint, device=args.device)
     except (CheckpointError, ValueError) as e:  # ValueError: --device cuda without CUDA
         raise SystemExit(f"error: {e}") from None
-    levels = list(range(pipe.num_quality_levels)) if args.levels is None else args.levels
-    bad = [lv for lv in levels if not 0 <= lv < pipe.num_quality_levels]
+    top = pipe.num_quality_levels - 1
+    if args.sweep:
+        levels = [_quality(v) for v in np.linspace(0, top, args.sweep)]
+    else:
+        levels = list(range(top + 1)) if args.levels is None else [_quality(v) for v in args.levels]
+    bad = [lv for lv in levels if not 0 <= lv <= top]
     if bad:
-        raise SystemExit(f"error: levels {bad} out of range 0..{pipe.num_quality_levels - 1}")
+        raise SystemExit(f"error: levels {bad} out of range 0..{top}")
     plan = decode_plan(pipe, args.rhos, args.steps, args.noise_scale)
     try:
         images = {p.name: load_image(p) for p in paths}
@@ -389,6 +429,7 @@ def main(argv=None) -> dict:
         "means": means,
         "equal_rate": equal_rate(rows, args.codecs),
         "bd_rate": bd_rates(means, args.codecs),
+        "continuous": continuity(means),
     }
     result["elapsed_s"] = time.perf_counter() - t0
     result = _finite(result)

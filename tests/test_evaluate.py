@@ -134,3 +134,22 @@ def test_evaluate_end_to_end(tiny_pipeline_dir, tiny_images, tmp_path, capsys):
     again = evaluate.main([*args, "--codecs"])
     assert [r["psnr"] for r in again["rows"]] == [r["psnr"] for r in cdc]
     assert again["bd_rate"] == [] and "PSNR JPEG" not in capsys.readouterr().out
+
+
+def test_fractional_sweep_and_continuity(tiny_pipeline_dir, tiny_images, tmp_path):
+    out = tmp_path / "c.json"
+    result = evaluate.main(["--data", str(tiny_images), "--out", str(out), "--checkpoint", str(tiny_pipeline_dir),
+                            "--sweep", "5", "--rhos", "0", "--limit", "1", "--steps", "1", "--codecs"])
+    assert result["config"]["levels"] == [0, 0.75, 1.5, 2.25, 3]
+    (entry,) = result["continuous"]
+    assert entry["rho"] == 0 and {"bpp_monotone", "psnr_monotone", "bd_rate_fractional_vs_levels_psnr"} <= entry.keys()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(tiny_images), "--out", str(out), "--sweep", "1"])
+
+
+def test_continuity_on_a_straight_curve():
+    means = [{"codec": "cdc", "rho": 0.0, "level": q, "bpp": 0.1 * 2 ** q, "psnr": 24 + q, "lpips": 0.4 - 0.05 * q}
+             for q in (0, 0.5, 1, 1.5, 2)]
+    (entry,) = evaluate.continuity(means)
+    assert entry["bpp_monotone"] and entry["psnr_monotone"]
+    assert entry["bd_rate_fractional_vs_levels_psnr"] == pytest.approx(0.0, abs=1e-6)
