@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import html
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import torch
 
 from app import classical, metrics
@@ -31,15 +33,21 @@ EXAMPLES = sorted(p for p in ASSETS.iterdir() if p.suffix in (".jpg", ".png"))
 CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
 
 
-def quality_choices(pipe, checkpoint=None) -> list[tuple[str, int]]:
-    """(label, level) pairs; labels carry the typical bpp when ``quality_levels.json`` provides it."""
-    bpp = []
-    if checkpoint is not None and (Path(checkpoint) / "quality_levels.json").is_file():
-        bpp = json.loads((Path(checkpoint) / "quality_levels.json").read_text())["bpp"]
-    return [
-        (f"level {k} · ~{bpp[k]:.2f} bpp" if k < len(bpp) else f"level {k}", k)
-        for k in range(pipe.num_quality_levels)
-    ]
+MATCHES = {"JPEG q75": ("jpeg", 75), "WebP q75": ("webp", 75), "AVIF q50": ("avif", 50)}  # our file at their size
+
+
+def kodak_bpp(checkpoint=None) -> list[float]:
+    """The mean Kodak bpp of each level from the checkpoint's ``quality_levels.json`` ([] without it)."""
+    path = Path(checkpoint) / "quality_levels.json" if checkpoint is not None else None
+    return json.loads(path.read_text())["bpp"] if path is not None and path.is_file() else []
+
+
+def quality_label(levels_bpp: list[float], quality) -> str:
+    """What a quality gives on Kodak, log-linear between the levels' bpp; "" without them."""
+    if len(levels_bpp) < 2:
+        return ""
+    bpp = math.exp(np.interp(float(quality), range(len(levels_bpp)), np.log(levels_bpp)))
+    return f"quality {float(quality):.2f} ≈ **{bpp:.3f} bpp** on Kodak ({bpp * 768 * 512 / 8 / 1000:.1f} KB at 768×512)"
 
 
 def _error(message: str) -> gr.Error:
@@ -68,8 +76,10 @@ def tuned_settings(pipe, rho):
     return pipe.decode_settings(float(rho))
 
 
-def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Progress(track_tqdm=True)):
-    """Encode the image at path ``image``, decode, compare.
+def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, match="none",
+             progress=gr.Progress(track_tqdm=True)):
+    """Encode the image at path ``image`` at ``quality``, or at most ``target_kb`` KB, or at the size of the
+    classical file ``match`` (a :data:`MATCHES` key); decode, compare.
 
     Returns (slider pair, readout markdown, classical gallery, .cdc path)."""
     if isinstance(image, dict):  # the page's event skips preprocessing: Gradio would open the upload itself
@@ -81,9 +91,20 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Pr
     except ImageError as e:  # name the upload, not the server's copy of it
         raise _error(f"Cannot use this image: {str(e).replace(str(image), Path(image).name)}.") from None
     progress(0, desc="Encoding")
+    budget, target = None, ""
+    if match in MATCHES:
+        budget = len(classical.encode(original, *MATCHES[match]))
+        target = f", matched to {match} ({budget:,} bytes)"
+    elif target_kb and float(target_kb) > 0:
+        budget = int(float(target_kb) * 1000)
+        target = f", target ≤ {budget:,} bytes"
     t0 = time.perf_counter()
-    data = pipe.compress(original, int(quality))
+    try:
+        data = pipe.compress(original, float(quality)) if budget is None else pipe.compress(original, max_bytes=budget)
+    except ValueError as e:  # a target below the smallest file, or an API call's bad quality
+        raise _error(f"Cannot compress: {e}.") from None
     encode_s = time.perf_counter() - t0
+    level = unpack(data)[0].quality
     t0 = time.perf_counter()
     try:
         recon = pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale))
@@ -93,7 +114,7 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Pr
     bpp = bits_per_pixel(data)
 
     progress(1, desc="Metrics and classical codecs")
-    rows = [_row("**CDC**", f"level {int(quality)}", data, bpp, metrics.image_metrics(original, recon))]
+    rows = [_row("**CDC**", f"quality {level:g}", data, bpp, metrics.image_metrics(original, recon))]
     gallery = []
     for codec in classical.CODECS:
         name = CODEC_NAMES[codec]
@@ -107,7 +128,7 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, progress=gr.Pr
 
     readout = "\n".join([
         f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
-        f"encoded in {encode_s:.2f} s, decoded in {decode_s:.2f} s "
+        f"encoded in {encode_s:.2f} s{target}, decoded in {decode_s:.2f} s "
         f"({_steps(steps)}, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
         "",
         "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
@@ -178,8 +199,16 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     image = gr.Image(label="Image", type="filepath", image_mode=None, format="png",
                                      sources=["upload", "clipboard"], elem_id="input-image")
                     gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], cache_examples=False)
-                    choices = quality_choices(pipe, checkpoint)
-                    quality = gr.Radio(choices, value=choices[len(choices) // 2][1], label="Bitrate")
+                    levels_bpp, top = kodak_bpp(checkpoint), pipe.num_quality_levels - 1
+                    quality = gr.Slider(0, top, value=round(top / 2, 2), step=0.01,
+                                        label=f"Quality (0 = smallest file … {top}; any value in between)")
+                    expected = gr.Markdown(quality_label(levels_bpp, round(top / 2, 2)), elem_id="expected-bpp")
+                    quality.change(functools.partial(quality_label, levels_bpp), quality, expected,
+                                   show_progress="hidden", api_name=False)
+                    with gr.Row():
+                        target_kb = gr.Number(0, minimum=0, label="…or a target size in KB (0: use the quality)")
+                        match = gr.Dropdown(["none", *MATCHES], value="none",
+                                            label="…or the size of a classical file of this image")
                     rho, steps, gamma = decoding_controls()
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     run = gr.Button("Compress", variant="primary", elem_id="compress-button")
@@ -191,7 +220,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
             gr.Markdown("### The same image with classical codecs, at the largest file not exceeding ours")
             classical_gallery = gr.Gallery(label="JPEG, WebP, AVIF", format="png", columns=3, height="auto",
                                            object_fit="contain")
-            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, gamma, seed],
+            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, gamma, seed, target_kb, match],
                       [slider, readout, classical_gallery, cdc_file], api_name="compress", preprocess=False)
 
         with gr.Tab("Decompress"):

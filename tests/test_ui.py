@@ -37,12 +37,22 @@ def test_examples_exist():
         assert path.stat().st_size <= 300_000 and path.name in (ui.ASSETS / "README.md").read_text()
 
 
-def test_quality_choices(tiny_pipeline, tmp_path):
-    n = tiny_pipeline.num_quality_levels
-    assert ui.quality_choices(tiny_pipeline) == [(f"level {k}", k) for k in range(n)]
-    (tmp_path / "quality_levels.json").write_text(json.dumps({"bpp": [0.123 * (k + 1) for k in range(n)]}))
-    labels = ui.quality_choices(tiny_pipeline, tmp_path)
-    assert labels[0] == ("level 0 · ~0.12 bpp", 0) and [k for _, k in labels] == list(range(n))
+def test_kodak_bpp_labels(tmp_path):
+    assert ui.kodak_bpp(None) == [] and ui.quality_label([], 1.5) == ""
+    (tmp_path / "quality_levels.json").write_text(json.dumps({"bpp": [0.1, 0.2, 0.4]}))
+    levels = ui.kodak_bpp(tmp_path)
+    assert levels == [0.1, 0.2, 0.4]
+    assert "**0.200 bpp**" in ui.quality_label(levels, 1) and "**0.141 bpp**" in ui.quality_label(levels, 0.5)
+
+
+def test_compress_to_a_target_size_or_a_classical_files_size(tiny_pipeline, photo):
+    _, readout, _, path = ui.compress(tiny_pipeline, str(photo), 1, 0.9, 1, 1.0, 0, target_kb=0.5)
+    assert Path(path).stat().st_size <= 500 and "target ≤ 500 bytes" in readout
+    _, readout, _, path = ui.compress(tiny_pipeline, str(photo), 1, 0.9, 1, 1.0, 0, match="JPEG q75")
+    jpeg = len(classical.encode(load_image(str(photo)), "jpeg", 75))
+    assert Path(path).stat().st_size <= jpeg and f"matched to JPEG q75 ({jpeg:,} bytes)" in readout
+    message = _error(ui.compress, tiny_pipeline, str(photo), 1, 0.9, 1, 1.0, 0, 0.001)
+    assert "smallest this model writes" in message
 
 
 def test_compress(compressed, photo):
@@ -81,7 +91,7 @@ def test_compress_classical_at_most_our_size(photo):
     assert [caption.split(" ")[0] for _, caption in gallery] == ["JPEG", "WebP", "AVIF"]
     for image, caption in gallery:
         assert image.size == (96, 64) and int(caption.split(": ")[1].split(" bytes")[0].replace(",", "")) <= 3000
-    assert "| **CDC** | level 0 | 3,000 | 3.906 | inf |" in readout
+    assert "| **CDC** | quality 0 | 3,000 | 3.906 | inf |" in readout
     _, readout, gallery, _ = ui.compress(_FixedSizePipe(100), str(photo), 0, 0.9, 1, 1.0, 0)
     assert gallery == [] and readout.count("no file ≤ 100 bytes") == len(classical.CODECS)
 
@@ -146,7 +156,8 @@ def test_build_demo(tiny_pipeline):
     assert sorted(type(b).__name__ for b in shown) == ["Gallery", "Gallery", "Image", "ImageSlider"]
     assert all(b.format == "png" for b in shown)  # exact pixels, never Gradio's default WebP
     assert demo._queue.max_size == ui.QUEUE_SIZE and demo._queue.default_concurrency_limit == 1
-    assert all(fn.tracks_progress for fn in demo.fns.values() if fn.name not in ("load_example", "follow_rho"))
+    assert all(fn.tracks_progress for fn in demo.fns.values() if fn.name not in ("load_example", "follow_rho")
+               and fn.fn.func is not ui.quality_label)
 
 
 def test_decoding_controls_start_at_the_tuned_values_and_follow_rho(tiny_pipeline):
