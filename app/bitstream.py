@@ -62,6 +62,11 @@ class Header:
         return d
 
 
+def quality_from_x100(x100: int) -> int | float:
+    """The stored hundredths as a quality in levels: an int for a whole level."""
+    return x100 // 100 if x100 % 100 == 0 else x100 / 100
+
+
 def pack(header: Header, z_string: bytes, y_string: bytes) -> bytes:
     """Serialise one image's header and strings into ``.cdc`` bytes."""
     if len(header.model_id) != 8:
@@ -102,7 +107,7 @@ def unpack(data: bytes) -> tuple[Header, bytes, bytes]:
         raise BitstreamError("corrupt .cdc file (CRC32 mismatch)")
     if not (0 < width <= pad_w and 0 < height <= pad_h):
         raise BitstreamError("corrupt .cdc file (inconsistent image size)")
-    header = Header(model_id, quality // 100 if quality % 100 == 0 else quality / 100, width, height, pad_w, pad_h, check)
+    header = Header(model_id, quality_from_x100(quality), width, height, pad_w, pad_h, check)
     z_start = _HEADER.size
     return header, data[z_start : z_start + z_len], data[z_start + z_len : z_start + z_len + y_len]
 

@@ -178,6 +178,12 @@ class CDCPipeline(DiffusionPipeline):
         ``last_probes`` tells how many)."""
         if sum(v is not None for v in (quality, max_bytes, bpp)) != 1:
             raise ValueError("give exactly one of quality, max_bytes and bpp")
+        q100 = None if quality is None else self._quality_x100(quality)
+        if bpp is not None and not (isinstance(bpp, (int, float)) and bpp > 0 and math.isfinite(bpp)):
+            raise ValueError(f"bpp must be a positive number, got {bpp!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
+                                      or max_bytes < 1):
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         img = load_image(image, self.max_pixels)
         width, height = img.size
         m = self.multiple
@@ -193,18 +199,13 @@ class CDCPipeline(DiffusionPipeline):
             y = features * self.compressor.gain(q)
             z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
             check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
-            level = q100 // 100 if q100 % 100 == 0 else q100 / 100
-            header = bitstream.Header(self.model_id, level, width, height, pad_w, pad_h, check)
+            header = bitstream.Header(self.model_id, bitstream.quality_from_x100(q100), width, height, pad_w, pad_h, check)
             return bitstream.pack(header, z_string, y_string)
 
-        if quality is not None:
-            return encode(self._quality_x100(quality))
+        if q100 is not None:
+            return encode(q100)
         if bpp is not None:
-            if not (isinstance(bpp, (int, float)) and bpp > 0 and math.isfinite(bpp)):
-                raise ValueError(f"bpp must be a positive number, got {bpp!r}")
             max_bytes = math.floor(bpp * width * height / 8)
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         return self._largest_within(encode, int(max_bytes))
 
     def _largest_within(self, encode, max_bytes: int) -> bytes:
