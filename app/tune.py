@@ -125,6 +125,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _setting_fields(row: dict) -> dict:
+    return {k: row[k] for k in ("scheduler", "spacing", "steps", "noise_scale")}
+
+
 def _score(row: dict) -> float:
     """Higher is better: PSNR for ρ < 0.5, −LPIPS from there on."""
     return row["psnr"] if row["rho"] < PSNR_BELOW_RHO else -row["lpips"]
@@ -137,7 +141,7 @@ def choose(summary: list[dict], max_steps: int, current_family: tuple[str, str])
     families = sorted({(r["scheduler"], r["spacing"]) for r in allowed if r["scheduler"] != "any"}) or [current_family]
 
     def best(family, rho):
-        rows = [r for r in allowed if r["rho"] == rho and Setting(r["scheduler"], r["spacing"], 1, 0).in_family(*family)]
+        rows = [r for r in allowed if r["rho"] == rho and Setting(**_setting_fields(r)).in_family(*family)]
         return max(rows, key=_score)
 
     overall = {rho: max(_score(r) for r in allowed if r["rho"] == rho) for rho in rhos}
