@@ -18,6 +18,7 @@ import torch
 LPIPS_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "lpips"
 LPIPS_WEIGHTS = {"alex": LPIPS_DIR / "alexnet.safetensors", "vgg": LPIPS_DIR / "vgg16.safetensors"}
 MS_SSIM_MIN_SIDE = 161  # pytorch_msssim's 5 scales with an 11-px window need min side > 160
+LPIPS_MIN_SIDE = 31  # AlexNet's 11×11/4 convolution and two 3×3/2 max-pools need a side ≥ 31
 
 
 class LPIPSUnavailable(RuntimeError):
@@ -112,8 +113,10 @@ def _default_lpips() -> torch.nn.Module:
 
 
 def lpips_distance(a, b) -> float | None:
-    """LPIPS-alex distance (CPU); None if the backbone weights are unavailable."""
+    """LPIPS-alex distance (CPU); None if the backbone weights are unavailable or a side is < LPIPS_MIN_SIDE."""
     x, y = _pair(a, b)
+    if min(x.shape[:2]) < LPIPS_MIN_SIDE:
+        return None
     try:
         model = _default_lpips()
     except LPIPSUnavailable:

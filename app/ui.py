@@ -1,15 +1,17 @@
-"""The Gradio page: compress an image (metrics, classical codecs at the same size) and decompress a ``.cdc`` file.
+"""The Gradio page: compress an image and compare it, side by side, with the original or a classical codec at
+the same size; decode the one file at several ρ; plot this image's rate–distortion curves; decompress a ``.cdc``.
 
-Handlers are module-level functions taking the pipeline as first argument, so tests can call
-them without a browser; :func:`build_demo` binds them to one loaded pipeline.
+Handlers are module-level functions taking the pipeline as first argument, so tests can call them without a
+browser; :func:`build_demo` binds them to one loaded pipeline (under ``@spaces.GPU`` on a ZeroGPU Space).
 """
 
 from __future__ import annotations
 
 import functools
-import html
+import inspect
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from app import classical, metrics
 from app.bitstream import BitstreamError, bits_per_pixel, unpack
@@ -31,6 +34,10 @@ START_RHO = 0.9
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = sorted(p for p in ASSETS.iterdir() if p.suffix in (".jpg", ".png"))
 CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+SIDES = ("Original", "CDC", *CODEC_NAMES.values())  # what each side of the comparison slider can show
+START_PAIR = ("AVIF", "CDC")  # the visitor's question: better than AVIF at the same size?
+STRIP_RHOS = (0.0, 0.5, 0.9)  # the ρ strip: one file, several reconstructions
+PLOT_RHOS = (0.0, 0.9)  # the CDC curves of the rate–distortion plot
 
 
 MATCHES = {"JPEG q75": ("jpeg", 75), "WebP q75": ("webp", 75), "AVIF q50": ("avif", 50)}  # our file at their size
@@ -50,8 +57,33 @@ def quality_label(levels_bpp: list[float], quality) -> str:
     return f"quality {float(quality):.2f} ≈ **{bpp:.3f} bpp** on Kodak ({bpp * 768 * 512 / 8 / 1000:.1f} KB at 768×512)"
 
 
+_PLAIN = str.maketrans({"<": "‹", ">": "›", "&": "＆"})
+
+
 def _error(message: str) -> gr.Error:
-    return gr.Error(html.escape(message), print_exception=False)
+    """A plain-text error: the browser's toast renders HTML and API clients get the raw text, so the message
+    holds no HTML-special characters (escaping them would show entities to API clients)."""
+    return gr.Error(message.translate(_PLAIN), print_exception=False)
+
+
+def on_gpu(fn):
+    """``spaces.GPU(fn)`` on a ZeroGPU Space (``SPACES_ZERO_GPU`` set and the ``spaces`` package present), else ``fn``."""
+    if not os.environ.get("SPACES_ZERO_GPU"):
+        return fn
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+def _bind(handler, pipe):
+    """``handler`` with the pipeline bound, as a plain function with the partial's signature (Gradio reads it)."""
+    def bound(*args, **kwargs):
+        return handler(pipe, *args, **kwargs)
+    bound.__name__, bound.__doc__ = handler.__name__, handler.__doc__
+    bound.__signature__ = inspect.signature(functools.partial(handler, pipe))
+    return on_gpu(bound)
 
 
 def _generator(seed) -> torch.Generator:
@@ -63,7 +95,7 @@ def _steps(steps) -> str:
 
 
 def _fmt(value, digits: int) -> str:
-    return "unavailable" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _row(name: str, setting: str, data: bytes, bpp: float, m: dict) -> str:
@@ -76,20 +108,33 @@ def tuned_settings(pipe, rho):
     return pipe.decode_settings(float(rho))
 
 
-def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, match="none",
-             progress=gr.Progress(track_tqdm=True)):
-    """Encode the image at path ``image`` at ``quality``, or at most ``target_kb`` KB, or at the size of the
-    classical file ``match`` (a :data:`MATCHES` key); decode, compare.
-
-    Returns (slider pair, readout markdown, classical gallery, .cdc path)."""
+def _load(image):
     if isinstance(image, dict):  # the page's event skips preprocessing: Gradio would open the upload itself
         image = image["path"]
     if image is None:
         raise _error("Upload an image or pick an example first.")
     try:
-        original = load_image(image, max_pixels=MAX_PIXELS)
+        return Path(image), load_image(image, max_pixels=MAX_PIXELS)
     except ImageError as e:  # name the upload, not the server's copy of it
         raise _error(f"Cannot use this image: {str(e).replace(str(image), Path(image).name)}.") from None
+
+
+def _decode(pipe, data: bytes, steps, rho, seed, noise_scale):
+    try:
+        return pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale), progress=False)
+    except ValueError as e:  # out-of-range settings from an API call (the sliders keep them in range)
+        raise _error(f"Cannot decode with these settings: {e}.") from None
+
+
+def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, match="none",
+             left=START_PAIR[0], right=START_PAIR[1], progress=gr.Progress()):
+    """Encode the image at path ``image`` at ``quality``, or at most ``target_kb`` KB, or at the size of the
+    classical file ``match`` (a :data:`MATCHES` key); decode; encode JPEG, WebP and AVIF at the largest file
+    not above ours; measure all.
+
+    Returns (slider showing ``left`` | ``right``, readout markdown, .cdc path, reconstruction PNG path, result):
+    the result (a dict) holds every image, so :func:`compare`, :func:`rho_strip` and :func:`rd_plot` recompute nothing."""
+    source, original = _load(image)
     progress(0, desc="Encoding")
     budget, target = None, ""
     if match in MATCHES:
@@ -105,26 +150,26 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
         raise _error(f"Cannot compress: {e}.") from None
     encode_s = time.perf_counter() - t0
     level = unpack(data)[0].quality
+    progress(0.3, desc="Decoding")
     t0 = time.perf_counter()
-    try:
-        recon = pipe.decompress(data, int(steps), float(rho), _generator(seed), float(noise_scale))
-    except ValueError as e:  # out-of-range settings from an API call (the sliders keep them in range)
-        raise _error(f"Cannot decode with these settings: {e}.") from None
+    recon = _decode(pipe, data, steps, rho, seed, noise_scale)
     decode_s = time.perf_counter() - t0
     bpp = bits_per_pixel(data)
 
-    progress(1, desc="Metrics and classical codecs")
-    rows = [_row("**CDC**", f"quality {level:g}", data, bpp, metrics.image_metrics(original, recon))]
-    gallery = []
+    progress(0.6, desc="Metrics and classical codecs")
+    m = metrics.image_metrics(original, recon)
+    rows = [_row("**CDC**", f"quality {level:g}", data, bpp, m)]
+    images, missing = {"Original": original, "CDC": recon}, {}
     for codec in classical.CODECS:
         name = CODEC_NAMES[codec]
-        result = classical.encode_at_most(original, codec, len(data))
-        if result is None:
-            rows.append(f"| {name} | no file ≤ {len(data):,} bytes | | | | | |")
+        found = classical.encode_at_most(original, codec, len(data))
+        if found is None:
+            missing[name] = f"no {name} file ≤ {len(data):,} bytes"
+            rows.append(f"| {name} | {missing[name]} | | | | | |")
             continue
-        rows.append(_row(name, f"quality {result.quality}", result.data, result.bpp,
-                         metrics.image_metrics(original, result.image)))
-        gallery.append((result.image, f"{name} q={result.quality}: {len(result.data):,} bytes, {result.bpp:.3f} bpp"))
+        images[name] = found.image
+        rows.append(_row(name, f"quality {found.quality}", found.data, found.bpp,
+                         metrics.image_metrics(original, found.image)))
 
     readout = "\n".join([
         f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
@@ -134,10 +179,106 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
         "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
         "|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "JPEG, WebP and AVIF: the largest file of each not above ours. Pick any two to compare above the table.",
     ])
-    path = Path(tempfile.mkdtemp(prefix="cdc-")) / f"{Path(image).stem}.cdc"
-    path.write_bytes(data)
-    return (original, recon), readout, gallery, str(path)
+    folder = Path(tempfile.mkdtemp(prefix="cdc-"))
+    cdc_path, png_path = folder / f"{source.stem}.cdc", folder / f"{source.stem}-cdc.png"
+    cdc_path.write_bytes(data)
+    recon.save(png_path)
+    result = {"data": data, "images": images, "missing": missing,
+              "point": {"rho": float(rho), "bpp": bpp, "psnr": m["psnr"], "lpips": m["lpips"]}}
+    return compare(result, left, right), readout, str(cdc_path), str(png_path), result
+
+
+def compare(result, left, right) -> dict:
+    """The slider's update to ``left`` | ``right`` (names in :data:`SIDES`) from a :func:`compress` result; no recompute.
+    A classical codec that has no file at our size shows the original, and the label says so."""
+    if not result:
+        return gr.update(label=f"{left} | {right}")
+    shown, labels = [], []
+    for side in (left, right):
+        if side not in SIDES:
+            raise _error(f"Cannot show {side!r}: choose from {', '.join(SIDES)}.")
+        image = result["images"].get(side)
+        shown.append(image if image is not None else result["images"]["Original"])
+        labels.append(side if image is not None else f"{side} ({result['missing'][side]}: the original shown)")
+    return gr.update(value=tuple(shown), label=" | ".join(labels))
+
+
+def _need(result):
+    if not result:
+        raise _error("Compress an image first.")
+
+
+def rho_strip(pipe, result, rho, steps, noise_scale, seed, progress=gr.Progress()):
+    """The one file of ``result`` decoded at ρ = 0, 0.5, 0.9 (the checkpoint's tuned steps and γ) and at the chosen
+    ρ with the chosen settings. Returns (gallery of (image, caption), markdown table with the times)."""
+    _need(result)
+    settings = [(r, *pipe.decode_settings(r)) for r in STRIP_RHOS if abs(r - float(rho)) > 1e-6]
+    settings = sorted(settings + [(float(rho), int(steps), float(noise_scale))])
+    original, data = result["images"]["Original"], result["data"]
+    gallery = []
+    rows = ["| ρ | steps | γ | PSNR (dB) ↑ | LPIPS ↓ | decode (s) |", "|---|---|---|---|---|---|"]
+    t_all = time.perf_counter()
+    for i, (r, k, gamma) in enumerate(settings):
+        progress(i / len(settings), desc=f"Decoding at ρ = {r:g}")
+        t0 = time.perf_counter()
+        image = _decode(pipe, data, k, r, seed, gamma)
+        seconds = time.perf_counter() - t0
+        psnr, lpips = metrics.psnr(original, image), metrics.lpips_distance(original, image)
+        gallery.append((image, f"ρ = {r:g}: PSNR {_fmt(psnr, 2)} dB, LPIPS {_fmt(lpips, 3)} ({_steps(k)}, γ = {gamma:.2f})"))
+        rows.append(f"| {r:g} | {k} | {gamma:.2f} | {_fmt(psnr, 2)} | {_fmt(lpips, 4)} | {seconds:.2f} |")
+    total = time.perf_counter() - t_all
+    info = (f"One file ({len(data):,} bytes, {bits_per_pixel(data):.3f} bpp), {len(settings)} reconstructions "
+            f"(seed {int(seed or 0)}) in {total:.2f} s with their metrics.")
+    return gallery, "\n".join([info, "", *rows])
+
+
+def rd_plot(pipe, result, progress=gr.Progress()):
+    """This image's rate–distortion curves: CDC at every level (ρ = 0 and 0.9, tuned settings) and JPEG, WebP, AVIF
+    at their sweep qualities; PSNR and LPIPS against bpp, with the current file marked. Returns (figure, markdown)."""
+    _need(result)
+    original = result["images"]["Original"]
+    levels = range(pipe.num_quality_levels)
+    jobs = len(levels) + len(classical.CODECS)
+    t0 = time.perf_counter()
+    curves = {}  # name -> [(bpp, psnr, lpips)]
+    for q in levels:
+        progress(q / jobs, desc=f"CDC quality {q}")
+        data = pipe.compress(original, q)
+        for r in PLOT_RHOS:
+            k, gamma = pipe.decode_settings(r)
+            image = _decode(pipe, data, k, r, 0, gamma)
+            curves.setdefault(f"CDC ρ = {r:g}", []).append(
+                (bits_per_pixel(data), metrics.psnr(original, image), metrics.lpips_distance(original, image)))
+    for i, codec in enumerate(classical.CODECS):
+        progress((len(levels) + i) / jobs, desc=CODEC_NAMES[codec])
+        curves[CODEC_NAMES[codec]] = [(r.bpp, metrics.psnr(original, r.image), metrics.lpips_distance(original, r.image))
+                                      for r in classical.sweep(original, codec)]
+    seconds = time.perf_counter() - t0
+    # x up to 1.5× CDC's largest rate, wide enough for each classical curve's two smallest files
+    top = max([1.5 * max(b for name, points in curves.items() if name.startswith("CDC") for b, _, _ in points)]
+              + [sorted(b for b, _, _ in curves[CODEC_NAMES[codec]])[1] for codec in classical.CODECS])
+    point = result["point"]
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    for column, (axis, label) in enumerate([(figure.add_subplot(1, 2, 1), "PSNR (dB) ↑"),
+                                            (figure.add_subplot(1, 2, 2), "LPIPS ↓")]):
+        for name, points in curves.items():
+            shown = [(b, p[column]) for b, *p in points if b <= top and p[column] is not None and math.isfinite(p[column])]
+            if shown:
+                axis.plot(*zip(*shown), "o-" if name.startswith("CDC") else ".--", label=name, ms=5)
+        value = point["psnr" if column == 0 else "lpips"]
+        if value is not None and math.isfinite(value):
+            axis.plot(point["bpp"], value, "*", color="black", ms=16, label=f"this file (ρ = {point['rho']:g})")
+        axis.set(xlabel="bits per pixel", ylabel=label, xlim=(0, 1.02 * top))
+        axis.grid(alpha=0.3)
+        if column == 1 and point["lpips"] is None:
+            axis.set_title("LPIPS: n/a (image side under 31 pixels)")
+    figure.axes[0].legend(fontsize=8)
+    info = (f"Computed in {seconds:.1f} s: CDC at {len(levels)} levels × ρ {', '.join(f'{r:g}' for r in PLOT_RHOS)} "
+            f"(seed 0, tuned steps and γ); JPEG, WebP and AVIF at {len(classical.SWEEP_QUALITIES['jpeg'])} qualities each.")
+    return figure, info
 
 
 def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.Progress(track_tqdm=True)):
@@ -193,6 +334,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
             "steps (Yang & Mandt, NeurIPS 2023). ρ trades distortion for realism: 0 gives the highest PSNR "
             "(smoother), 1 the most realistic texture, synthesised by the decoder."
         )
+        result = gr.State(None, time_to_live=3600)  # compress()'s images, per visitor
         with gr.Tab("Compress"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -213,15 +355,32 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                     run = gr.Button("Compress", variant="primary", elem_id="compress-button")
                 with gr.Column(scale=2):
-                    slider = gr.ImageSlider(label="Original | CDC reconstruction", type="pil", format="png",
-                                            max_height=720)
+                    with gr.Row():
+                        left = gr.Radio(list(SIDES), value=START_PAIR[0], label="Left side", elem_id="left-side")
+                        right = gr.Radio(list(SIDES), value=START_PAIR[1], label="Right side", elem_id="right-side")
+                    slider = gr.ImageSlider(label=" | ".join(START_PAIR), type="pil", format="png", max_height=720,
+                                            elem_id="compare")
                     readout = gr.Markdown(elem_id="readout")
-                    cdc_file = gr.File(label="The .cdc file", elem_id="cdc-download")
-            gr.Markdown("### The same image with classical codecs, at the largest file not exceeding ours")
-            classical_gallery = gr.Gallery(label="JPEG, WebP, AVIF", format="png", columns=3, height="auto",
-                                           object_fit="contain")
-            run.click(functools.partial(compress, pipe), [image, quality, rho, steps, gamma, seed, target_kb, match],
-                      [slider, readout, classical_gallery, cdc_file], api_name="compress", preprocess=False)
+                    with gr.Row():
+                        cdc_file = gr.File(label="The .cdc file", elem_id="cdc-download")
+                        png_file = gr.File(label="The reconstruction (PNG)", elem_id="png-download")
+            with gr.Accordion("One file, several ρ", open=True):
+                strip_run = gr.Button(f"Decode this file at ρ = {', '.join(f'{r:g}' for r in STRIP_RHOS)} "
+                                      "and the chosen ρ", elem_id="strip-button")
+                strip = gr.Gallery(label="ρ strip", format="png", columns=4, height="auto", object_fit="contain",
+                                   elem_id="rho-strip")
+                strip_info = gr.Markdown(elem_id="strip-info")
+            with gr.Accordion("Rate–distortion curves of this image", open=True):
+                plot_run = gr.Button("Plot CDC at every quality against JPEG, WebP and AVIF", elem_id="plot-button")
+                plot = gr.Plot(label="PSNR and LPIPS against bpp", format="png", elem_id="rd-plot")
+                plot_info = gr.Markdown(elem_id="plot-info")
+            run.click(_bind(compress, pipe), [image, quality, rho, steps, gamma, seed, target_kb, match, left, right],
+                      [slider, readout, cdc_file, png_file, result], api_name="compress", preprocess=False)
+            for side in (left, right):
+                side.change(compare, [result, left, right], slider, show_progress="hidden", api_name=False)
+            strip_run.click(_bind(rho_strip, pipe), [result, rho, steps, gamma, seed], [strip, strip_info],
+                            api_name="rho_strip")
+            plot_run.click(_bind(rd_plot, pipe), result, [plot, plot_info], api_name="rd_plot")
 
         with gr.Tab("Decompress"):
             with gr.Row():
@@ -236,7 +395,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     d_gallery = gr.Gallery(label="Decoded", format="png", columns=2, height="auto",
                                            object_fit="contain")
                     d_info = gr.Markdown(elem_id="decode-info")
-            d_run.click(functools.partial(decompress, pipe), [upload, d_rho, d_steps, d_gamma, d_seed, samples],
+            d_run.click(_bind(decompress, pipe), [upload, d_rho, d_steps, d_gamma, d_seed, samples],
                         [d_gallery, d_info], api_name="decompress")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo

@@ -1,5 +1,7 @@
-"""The served page in headless Chromium: compress an upload, then see a corrupt .cdc rejected."""
+"""The served page in headless Chromium: compress an upload, switch the comparison, decode a ρ strip, plot the
+rate–distortion curves, download the reconstruction, then see a corrupt .cdc rejected."""
 
+import io
 import re
 import sys
 import urllib.request
@@ -35,6 +37,22 @@ def test_page(tiny_pipeline_dir, tmp_path):
             data = response.read()
         assert float(re.search(r"([\d.]+) bpp", readout).group(1)) == round(bits_per_pixel(data), 3)
         assert "128×96" in readout and "AVIF" in readout
+        png = screenshot.find(driver, "#png-download a").get_attribute("href")
+        with urllib.request.urlopen(png) as response:
+            assert Image.open(io.BytesIO(response.read())).size == (128, 96)
+
+        assert "AVIF" in screenshot.find(driver, "#compare").text  # the default pair: AVIF | CDC
+        next(e for e in driver.find_elements(By.CSS_SELECTOR, "#left-side label") if e.text == "Original").click()
+        screenshot.wait_text(driver, "#compare", "Original | CDC", timeout=30)
+
+        screenshot.find(driver, "#strip-button").click()
+        strip = screenshot.wait_text(driver, "#strip-info", "reconstructions", timeout=120)
+        assert "3 reconstructions" in strip  # ρ 0, 0.5 and the chosen 0.9
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#rho-strip img")) >= 3
+
+        screenshot.find(driver, "#plot-button").click()
+        screenshot.wait_text(driver, "#plot-info", "Computed in", timeout=300)
+        screenshot.find(driver, "#rd-plot img")
 
         tabs = driver.find_elements(By.CSS_SELECTOR, "button[role=tab]")
         next(tab for tab in tabs if tab.text == "Decompress").click()

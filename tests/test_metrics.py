@@ -68,6 +68,15 @@ def test_image_metrics_keys():
     assert image_metrics(a, a) == {"psnr": math.inf, "ms_ssim": None, "lpips": pytest.approx(0.0, abs=1e-6)}
 
 
+def test_lpips_too_small_is_none():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (31, 40, 3), dtype=np.uint8)
+    assert lpips_distance(a, 255 - a) > 0
+    for h, w in ((30, 40), (1, 1), (7, 7), (17, 31)):
+        assert lpips_distance(a[:h, :w], a[:h, :w]) is None
+    assert image_metrics(a[:17, :31], a[:17, :31]) == {"psnr": math.inf, "ms_ssim": None, "lpips": None}
+
+
 def test_size_mismatch():
     a, b = np.zeros((32, 32, 3), np.uint8), np.zeros((32, 33, 3), np.uint8)
     for fn in (psnr, ms_ssim, lpips_distance, image_metrics):
