@@ -1,4 +1,5 @@
-"""Screenshot the served page for the README: start ``app.py``, compress an example, save a full-page PNG.
+"""Screenshot the served page for the README: start ``app.py``, compress an example, decode its ρ strip, draw its
+rate–distortion plot, save a full-page PNG.
 
     python scripts/screenshot.py [--checkpoint DIR] [--image assets/chelsea.png] [--out docs/screenshot.png]; the README shows it converted to JPEG
 
@@ -121,7 +122,11 @@ def main() -> None:
     args = parser.parse_args()
     with serve(args.checkpoint, log=None) as url, browser(args.width) as driver:
         print(compress(driver, url, args.image))
-        time.sleep(2)  # let the slider and gallery images finish loading
+        find(driver, "#strip-button").click()
+        print(wait_text(driver, "#strip-info", "reconstructions", timeout=600))
+        find(driver, "#plot-button").click()
+        print(wait_text(driver, "#plot-info", "Computed in", timeout=600))
+        time.sleep(2)  # let the slider, gallery and plot images finish loading
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(args.width, height + 100)
         driver.execute_script("window.scrollTo(0, 0)")
