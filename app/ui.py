@@ -324,7 +324,8 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
         rho = gr.Slider(0, 1, value=START_RHO, step=0.05, label="ρ (0 = low distortion, 1 = realism)")
         steps = gr.Slider(1, steps_max, value=start_steps, step=1, label="Decoding steps (tuned per ρ)")
         gamma = gr.Slider(0, 1, value=start_gamma, step=0.05, label="Initial noise scale γ (tuned per ρ)")
-        rho.change(follow_rho, rho, [steps, gamma], show_progress="hidden", api_name=False)
+        rho.change(follow_rho, rho, [steps, gamma], show_progress="hidden", api_name=False,
+                   concurrency_limit=None)
         return rho, steps, gamma
     with gr.Blocks(title="CDC — lossy compression with a conditional diffusion decoder",
                    analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -346,7 +347,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                                         label=f"Quality (0 = smallest file … {top}; any value in between)")
                     expected = gr.Markdown(quality_label(levels_bpp, round(top / 2, 2)), elem_id="expected-bpp")
                     quality.change(functools.partial(quality_label, levels_bpp), quality, expected,
-                                   show_progress="hidden", api_name=False)
+                                   show_progress="hidden", api_name=False, concurrency_limit=None)
                     with gr.Row():
                         target_kb = gr.Number(0, minimum=0, label="…or a target size in KB (0: use the quality)")
                         match = gr.Dropdown(["none", *MATCHES], value="none",
@@ -377,7 +378,8 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
             run.click(_bind(compress, pipe), [image, quality, rho, steps, gamma, seed, target_kb, match, left, right],
                       [slider, readout, cdc_file, png_file, result], api_name="compress", preprocess=False)
             for side in (left, right):
-                side.change(compare, [result, left, right], slider, show_progress="hidden", api_name=False)
+                side.change(compare, [result, left, right], slider, show_progress="hidden", api_name=False,
+                            concurrency_limit=None)  # instant: never queued behind a model job
             strip_run.click(_bind(rho_strip, pipe), [result, rho, steps, gamma, seed], [strip, strip_info],
                             api_name="rho_strip")
             plot_run.click(_bind(rd_plot, pipe), result, [plot, plot_info], api_name="rd_plot")

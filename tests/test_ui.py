@@ -269,6 +269,8 @@ def test_build_demo(tiny_pipeline):
     assert sorted(model_handlers) == ["compress", "decompress", "rd_plot", "rho_strip"]
     assert all(fn.tracks_progress for fn in model_handlers.values())
     assert [fn.name for fn in demo.fns.values()].count("compare") == 2  # one per side
+    light = [fn for fn in demo.fns.values() if fn.name not in model_handlers and fn.name != "load_example"]
+    assert len(light) == 5 and all(fn.concurrency_limit is None for fn in light)  # never behind a model job
 
 
 def test_decoding_controls_start_at_the_tuned_values_and_follow_rho(tiny_pipeline):
