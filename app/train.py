@@ -81,28 +81,54 @@ def _packed(out: Path, count: int, pixels: int, total: int, photos: int) -> dict
     return {"tiles": count, "pixels": pixels, "bytes": total, "photos": photos}
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: on CUDA an asynchronous copy from pinned memory (the host does not wait)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class CropSampler:
-    """Random crops with horizontal flips, from RGB images held in (device) memory as uint8."""
+    """Random ``crop``² crops with horizontal flips, from RGB images held on the device as uint8.
+
+    Images of one size are stacked into one tensor and a batch is cut from each stack it draws from
+    by index_select and one gather of pixel offsets (a flip reverses the columns), no per-crop loop. The
+    crops come grouped by image size, an order without meaning. Image, position and flip are drawn
+    by a seeded CPU generator and reach the device as small index tensors, without a host sync."""
 
     def __init__(self, images, crop: int, device, seed: int):
-        self.crop = crop
-        self.images = []
+        self.crop, self.device = crop, torch.device(device)
+        by_size: dict[tuple, list] = {}
         for img in images:
             if min(img.size) < crop:
                 scale = crop / min(img.size)
                 img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.BICUBIC)
-            self.images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device))
-        self.rng = random.Random(seed)
+            by_size.setdefault(img.size, []).append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        self.stacks = [torch.stack(group).to(self.device) for group in by_size.values()]
+        self.group = torch.cat([torch.full((len(g),), k) for k, g in enumerate(by_size.values())])
+        self.local = torch.cat([torch.arange(len(g)) for g in by_size.values()])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.group)
 
     def batch(self, n: int) -> torch.Tensor:
-        crops = []
-        for _ in range(n):
-            img = self.images[self.rng.randrange(len(self.images))]
-            top = self.rng.randint(0, img.shape[1] - self.crop)
-            left = self.rng.randint(0, img.shape[2] - self.crop)
-            c = img[:, top : top + self.crop, left : left + self.crop]
-            crops.append(c.flip(-1) if self.rng.random() < 0.5 else c)
-        return torch.stack(crops).float() / 127.5 - 1.0
+        """``n`` crops (n, 3, crop, crop) in [-1, 1]."""
+        c = self.crop
+        i = torch.randint(len(self), (n,), generator=self.gen)
+        pos = torch.rand(n, 2, generator=self.gen, dtype=torch.float64)
+        flip = torch.rand(n, generator=self.gen) < 0.5
+        span = torch.arange(c)
+        group, parts = self.group[i], []
+        for k in group.unique().tolist():
+            mask = group == k
+            stack = self.stacks[k]
+            h, w = stack.shape[2:]
+            rows = (pos[mask, :1] * (h - c + 1)).long() + span
+            cols = (pos[mask, 1:] * (w - c + 1)).long() + torch.where(flip[mask, None], span.flip(0), span)
+            pixels = (rows[:, :, None] * w + cols[:, None, :]).flatten(1)  # crop pixel → offset in the image plane
+            j, pixels = to_device(self.local[i[mask]], self.device), to_device(pixels, self.device)
+            x = stack.index_select(0, j).flatten(2).gather(2, pixels[:, None].expand(len(j), 3, c * c))
+            parts.append(x.view(len(j), 3, c, c))
+        return torch.cat(parts).float().mul_(1 / 127.5).sub_(1.0)
 
 
 def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -124,10 +150,14 @@ def decode_grid(max_steps: int = 4) -> list[list[int]]:
 def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jitter: int,
                      num_train_timesteps: int = 1000) -> torch.Tensor:
     """t for a batch: with probability ``share`` a step of a few-step decode (K uniform, then one of its
-    K steps, ± ``jitter``), otherwise uniform on [0, T), so that other K and schedulers still work."""
-    k = torch.randint(len(grid), (n,), generator=generator).tolist()
-    step = torch.rand(n, generator=generator).tolist()
-    on_grid = torch.tensor([grid[ki][int(s * len(grid[ki]))] for ki, s in zip(k, step)])
+    K steps, ± ``jitter``), otherwise uniform on [0, T), so that other K and schedulers still work.
+
+    Vectorised over the batch, with ``grid`` padded to a tensor (CPU generator)."""
+    lengths = torch.tensor([len(steps) for steps in grid])
+    padded = torch.tensor([steps + steps[-1:] * (int(lengths.max()) - len(steps)) for steps in grid])
+    k = torch.randint(len(grid), (n,), generator=generator)
+    step = torch.rand(n, generator=generator)
+    on_grid = padded[k, (step.double() * lengths[k]).long()]
     on_grid = (on_grid + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, num_train_timesteps - 1)
     uniform = torch.randint(num_train_timesteps, (n,), generator=generator)
     return torch.where(torch.rand(n, generator=generator) < share, on_grid, uniform)
@@ -329,7 +359,7 @@ def main(argv=None) -> None:
     val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val and main_process else []
     log = None
     if main_process:
-        print(f"{len(sampler.images)} training images, {len(val_images)} validation images, "
+        print(f"{len(sampler)} training images, {len(val_images)} validation images, "
               f"{processes} process(es) on {device}", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         log = open(args.log or args.out / "log.jsonl", "a")

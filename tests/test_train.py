@@ -93,3 +93,38 @@ def test_two_process_data_parallel_run_on_cpu(tiny_pipeline_dir, tmp_path):
     run = json.loads((out / "training_state.json").read_text())["runs"][-1]
     assert run["processes"] == 2 and run["steps"] == 2 and run["crops"] == 2 * 2 * 2
     assert load_pipeline(out).num_quality_levels == 4
+
+
+def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def as_uint8(x):
+        return ((x + 1) * 127.5).round().to(torch.uint8)
+
+    def match(crops, image):  # (crops, windows) where crop = window, and where crop = mirrored window
+        windows = image.permute(2, 0, 1).unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(1, -1, 3, 16, 16)
+        return ((crops[:, None] == windows).all((2, 3, 4)), (crops.flip(-1)[:, None] == windows).all((2, 3, 4)))
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((24, 24), (24, 24), (30, 41), (12, 20))]
+    images = [Image.fromarray(a) for a in arrays]
+    sampler = train.CropSampler(images, 16, "cpu", seed=5)
+    assert len(sampler) == 4 and len(sampler.stacks) == 3  # the 12×20 image is upscaled to a short side of 16
+    x = sampler.batch(64)
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    planes = [torch.from_numpy(np.asarray(images[3].resize((27, 16), Image.BICUBIC) if k == 3 else a))
+              for k, a in enumerate(arrays)]
+    hits = [match(as_uint8(x), p) for p in planes]
+    plain = torch.stack([h[0].any(1) for h in hits], 1)
+    mirrored = torch.stack([h[1].any(1) for h in hits], 1)
+    assert (plain | mirrored).any(1).all()  # every crop is a window of an image, possibly mirrored
+    assert (plain | mirrored).any(0).all() and 16 < int((~plain.any(1)).sum()) < 48  # all images, about half mirrored
+
+    one = torch.from_numpy(rng.integers(0, 256, (18, 21, 3), dtype=np.uint8))
+    plain, mirrored = match(as_uint8(train.CropSampler([Image.fromarray(one.numpy())], 16, "cpu", 0).batch(400)), one)
+    assert plain.any(0).sum() == mirrored.any(0).sum() == 3 * 6  # every position, plain and mirrored
+
+    assert torch.equal(train.CropSampler(images, 16, "cpu", seed=5).batch(64), x)
+    assert not torch.equal(train.CropSampler(images, 16, "cpu", seed=6).batch(64), x)
