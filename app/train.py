@@ -138,6 +138,14 @@ def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.where(u < 0.3, 0.0, torch.where(u < 0.6, 0.9, rho))
 
 
+def perceptual_indices(rho: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """The samples whose loss uses LPIPS: every one with ρ > 0 (ρ = 0 weighs LPIPS by exactly 0), topped
+    up with ρ = 0 samples to a multiple of ``multiple``, so that LPIPS sees few batch shapes (cudnn autotuning)."""
+    order = torch.argsort((rho == 0).to(torch.uint8), stable=True)
+    count = -(-int((rho > 0).sum()) // multiple) * multiple
+    return order[: min(count, len(rho))]
+
+
 def decode_grid(max_steps: int = 4) -> list[list[int]]:
     """The timesteps of the trailing K-step decodes, K = 1…max_steps: [999], [999, 499], [999, 666, 332], …"""
     scheduler, grid = make_scheduler(), []
@@ -180,6 +188,9 @@ class Trainer:
 
     def __init__(self, pipe: CDCPipeline, args):
         cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.device = device = self.accelerator.device
@@ -193,13 +204,14 @@ class Trainer:
         aux_opt = torch.optim.Adam(aux_params, lr=3e-3)  # the quantiles: local to each process, refit at save
         self.compressor, self.unet, self.opt, self.aux_opt = self.accelerator.prepare(
             pipe.compressor, pipe.unet, opt, aux_opt)
-        self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+        self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
         self.lambdas = torch.tensor(args.lambdas, device=device)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
         self.snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
         rank = 1000 * self.accelerator.process_index  # process 0 keeps the seeds of a single-process run
         self.gen = torch.Generator().manual_seed(args.seed + rank)
         self.t_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # own stream: samplers differ only in t
+        self.noise_gen = torch.Generator(device).manual_seed(args.seed + 2 + rank)  # drawn where it is used
         self.grid = decode_grid()
 
     def main_clock(self, seconds: float) -> float:
@@ -209,27 +221,31 @@ class Trainer:
         return broadcast(torch.tensor([seconds], device=self.device)).item()
 
     def step(self, x: torch.Tensor, lr: float) -> dict:
-        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors) and x̂0."""
+        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors; ``perceptual``:
+        LPIPS of the samples :func:`perceptual_indices` picks) and x̂0. Nothing in it waits for the device."""
         compressor, unet, scheduler, args, device = self.compressor, self.unet, self.pipe.scheduler, self.args, self.device
         for g in self.opt.param_groups:
             g["lr"] = lr
         n, _, h, w = x.shape
-        q = torch.randint(len(args.lambdas), (n,), generator=self.gen).to(device)
-        rho = sample_rho(n, self.gen).to(device)
+        q = torch.randint(len(args.lambdas), (n,), generator=self.gen)
+        rho = sample_rho(n, self.gen)
         t = sample_timesteps(n, self.t_gen, self.grid, args.grid_share, args.grid_jitter,
-                             scheduler.config.num_train_timesteps).to(device)
-        noise = torch.randn(x.shape, generator=self.gen).to(device)
+                             scheduler.config.num_train_timesteps)
+        lp = perceptual_indices(rho)
+        q, rho, t, lp = (to_device(v, device) for v in (q, rho, t, lp))
+        noise = torch.empty_like(x).normal_(generator=self.noise_gen)
 
         with self.accelerator.autocast():
             out = compressor(x, q)
             x_t = scheduler.add_noise(x, noise, t)
             x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
-            perceptual = self.lpips(x0_hat, x).float()
+            perceptual = self.lpips(x0_hat.index_select(0, lp), x.index_select(0, lp)).float()
         bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
         bpp = -bits / (h * w)
         mse = (x0_hat - x).pow(2).flatten(1).mean(1)
         base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
-        loss = (self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + rho * perceptual + base_mse).mean()
+        loss = ((self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + base_mse).sum()
+                + (rho.index_select(0, lp) * perceptual).sum()) / n
 
         self.opt.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -343,8 +359,6 @@ def main(argv=None) -> None:
     start = time.monotonic()
     budget = args.max_minutes * 60
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     pipe = build_pipeline(args)
     prior_file = args.resume / "training_state.json" if args.resume else None
@@ -380,13 +394,14 @@ def main(argv=None) -> None:
             continue
 
         if step % 50 == 0 or step == 1:
-            with torch.no_grad():
+            with torch.no_grad(), accelerator.autocast():
                 x0_psnr = (10 * torch.log10(4 / (out["x0_hat"].clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
                 base_psnr = (10 * torch.log10(4 / out["base_mse"])).mean()
+                x0_lpips = trainer.lpips(out["x0_hat"], x).float().mean()  # the whole batch (the step skips ρ = 0)
             row = {
                 "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": out["loss"].item(),
                 "bpp": out["bpp"].mean().item(), "mse_x0": out["mse"].mean().item(),
-                "lpips_x0": out["perceptual"].mean().item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
+                "lpips_x0": x0_lpips.item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
                 "aux": out["aux"].item(), "grad_norm": out["grad_norm"].item(),
             }
             print(json.dumps(row), flush=True)

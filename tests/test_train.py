@@ -128,3 +128,29 @@ def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically()
 
     assert torch.equal(train.CropSampler(images, 16, "cpu", seed=5).batch(64), x)
     assert not torch.equal(train.CropSampler(images, 16, "cpu", seed=6).batch(64), x)
+
+
+def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline, monkeypatch):
+    import copy
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 32, 128):
+        rho = train.sample_rho(n, g)
+        picked = train.perceptual_indices(rho)
+        assert set((rho > 0).nonzero().flatten().tolist()) <= set(picked.tolist())
+        assert len(set(picked.tolist())) == len(picked) and (len(picked) % 8 == 0 or len(picked) == n)
+
+    args = train.parse_args(["--data", "x", "--device", "cpu", "--lambdas", "0.1", "0.05", "0.02", "0.01"])
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+
+    def first_loss():
+        torch.manual_seed(0)  # compressai's quantisation noise
+        return train.Trainer(copy.deepcopy(tiny_pipeline), args).step(x, 1e-4)["loss"].item()
+
+    only = train.perceptual_indices
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho: only(rho, multiple=1))  # 5 of these 8 have ρ > 0
+    subset = first_loss()
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho: torch.arange(len(rho)))
+    assert subset == pytest.approx(first_loss(), rel=1e-6)
