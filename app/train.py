@@ -43,6 +43,7 @@ from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 
 DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
 GRID_SHARE, GRID_JITTER = 0.5, 8
+SPEED_FLAGS = ("fused_adam", "channels_last", "compile")
 
 
 def image_files_in(folders) -> list[Path]:
@@ -171,6 +172,11 @@ def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jit
     return torch.where(torch.rand(n, generator=generator) < share, on_grid, uniform)
 
 
+def speed_flags(args) -> list[str]:
+    """The speed options that are on, as command-line flags."""
+    return ["--" + name.replace("_", "-") for name in SPEED_FLAGS if getattr(args, name)]
+
+
 def build_pipeline(args) -> CDCPipeline:
     if args.resume:
         pipe = load_pipeline(args.resume)
@@ -184,7 +190,9 @@ class Trainer:
     Runs through Hugging Face accelerate: ``python -m app.train`` trains in one process (GPU or CPU),
     ``accelerate launch -m app.train`` data-parallel (DDP: gradients are averaged, every process
     draws its own crops). bf16 autocast on CUDA, likelihoods in fp32. :meth:`step` is one
-    optimisation step; training and ``app.bench --train`` both run it."""
+    optimisation step; training and ``app.bench --train`` both run it, with the same optional speed
+    settings: ``fused_adam`` (one fused Adam kernel), ``channels_last`` (NHWC convolutions for the
+    compressor, UNet and LPIPS) and ``compile`` (``torch.compile`` of the UNet)."""
 
     def __init__(self, pipe: CDCPipeline, args):
         cuda = args.device.startswith("cuda")
@@ -198,12 +206,17 @@ class Trainer:
         pipe.compressor.train()
         pipe.unet.train()
         self.lpips = load_lpips(args.lpips_net, device=device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        for module in (pipe.compressor, pipe.unet, self.lpips):
+            module.to(memory_format=self.memory_format)
         self.main_params, aux_params = split_parameters(pipe.compressor, pipe.unet)
         self.params = self.main_params + aux_params
-        opt = torch.optim.Adam(self.main_params, lr=args.lr)
+        opt = torch.optim.Adam(self.main_params, lr=args.lr, fused=args.fused_adam or None)
         aux_opt = torch.optim.Adam(aux_params, lr=3e-3)  # the quantiles: local to each process, refit at save
         self.compressor, self.unet, self.opt, self.aux_opt = self.accelerator.prepare(
             pipe.compressor, pipe.unet, opt, aux_opt)
+        if args.compile:
+            self.unet = torch.compile(self.unet)
         self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
         self.lambdas = torch.tensor(args.lambdas, device=device)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
@@ -226,6 +239,7 @@ class Trainer:
         compressor, unet, scheduler, args, device = self.compressor, self.unet, self.pipe.scheduler, self.args, self.device
         for g in self.opt.param_groups:
             g["lr"] = lr
+        x = x.contiguous(memory_format=self.memory_format)
         n, _, h, w = x.shape
         q = torch.randint(len(args.lambdas), (n,), generator=self.gen)
         rho = sample_rho(n, self.gen)
@@ -291,7 +305,7 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
     ema.copy_to(main + aux)
     compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
     for p in main + aux:
-        p.data = p.data.half()
+        p.data = p.data.to(torch.float16, memory_format=torch.contiguous_format)  # safetensors wants contiguous
     CDCPipeline(compressor, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
         out, max_shard_size="9MB"
     )
@@ -301,7 +315,7 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
     run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
-           "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1),
+           "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
            "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
@@ -343,6 +357,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, help="JSON-lines log (default OUT/log.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    speed = ap.add_argument_group("speed (same results up to rounding; off by default)")
+    speed.add_argument("--fused-adam", action="store_true", help="fused Adam (one kernel for all parameters)")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) memory format for the convolutions")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time counts in --max-minutes)")
     args = ap.parse_args(argv)
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")

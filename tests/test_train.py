@@ -114,7 +114,7 @@ def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically()
     assert len(sampler) == 4 and len(sampler.stacks) == 3  # the 12×20 image is upscaled to a short side of 16
     x = sampler.batch(64)
     assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
-    planes = [torch.from_numpy(np.asarray(images[3].resize((27, 16), Image.BICUBIC) if k == 3 else a))
+    planes = [torch.from_numpy(np.array(images[3].resize((27, 16), Image.BICUBIC) if k == 3 else a))
               for k, a in enumerate(arrays)]
     hits = [match(as_uint8(x), p) for p in planes]
     plain = torch.stack([h[0].any(1) for h in hits], 1)
@@ -154,3 +154,23 @@ def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline,
     subset = first_loss()
     monkeypatch.setattr(train, "perceptual_indices", lambda rho: torch.arange(len(rho)))
     assert subset == pytest.approx(first_loss(), rel=1e-6)
+
+
+def test_speed_flags_train_validate_and_save_on_cpu(tiny_pipeline_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(src / "0.png")
+    out = tmp_path / "run"
+    train.main(["--data", str(src), "--val", str(src), "--val-count", "1", "--val-every-minutes", "0",
+                "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
+                "--fused-adam", "--channels-last"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "val" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
+    run = json.loads((out / "training_state.json").read_text())["runs"][-1]
+    assert run["speed"] == ["--fused-adam", "--channels-last"] and run["steps"] == 2
+    resumed = load_pipeline(out)  # saved contiguous, as safetensors needs
+    assert resumed.decompress(resumed.compress(src / "0.png", 1), progress=False).size == (100, 80)
