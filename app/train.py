@@ -43,6 +43,8 @@ from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 
 DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
 GRID_SHARE, GRID_JITTER = 0.5, 8
+RECIPE_BATCH = 32  # the batch --lr is meant for (with --lr-scaling)
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 SPEED_FLAGS = ("fused_adam", "channels_last", "compile")
 
 
@@ -175,6 +177,14 @@ def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jit
 def speed_flags(args) -> list[str]:
     """The speed options that are on, as command-line flags."""
     return ["--" + name.replace("_", "-") for name in SPEED_FLAGS if getattr(args, name)]
+
+
+def lr_schedule(args, processes: int = 1) -> tuple[float, int]:
+    """(peak LR, warm-up steps) for the global batch ``batch_size × processes``: ``--lr`` scaled from the
+    recipe's batch of 32 by ``--lr-scaling``, the warm-up ``--warmup-crops`` long if given."""
+    batch = args.batch_size * processes
+    peak = args.lr * (batch / RECIPE_BATCH) ** LR_SCALING[args.lr_scaling]
+    return peak, max(1, math.ceil(args.warmup_crops / batch) if args.warmup_crops else args.warmup_steps)
 
 
 def build_pipeline(args) -> CDCPipeline:
@@ -314,9 +324,11 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
 
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
+    peak_lr, warmup = lr_schedule(args, processes)
     run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
            "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
-           "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+           "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
+           "warmup_steps": warmup,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -343,7 +355,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-scaling", choices=tuple(LR_SCALING), default="none",
+                    help="scale --lr with the global batch B against 32: sqrt = lr·√(B/32) (Adam's rule), linear = lr·B/32")
     ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--warmup-crops", type=int,
+                    help="warm-up length in crops instead of steps (9600 = the recipe's 300 steps × 32)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="rate weight per quality level")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
@@ -364,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
+    if args.warmup_crops is not None and args.warmup_crops < 1:
+        ap.error("--warmup-crops must be at least 1")
     return args
 
 
@@ -386,6 +404,7 @@ def main(argv=None) -> None:
     trainer = Trainer(pipe, args)
     accelerator, device = trainer.accelerator, trainer.device
     main_process, processes = accelerator.is_main_process, accelerator.num_processes
+    peak_lr, warmup = lr_schedule(args, processes)
     sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device,
                           args.seed + accelerator.process_index)
     val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val and main_process else []
@@ -403,7 +422,7 @@ def main(argv=None) -> None:
         if elapsed >= budget or step == args.max_steps:
             break
         frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = sampler.batch(args.batch_size)
         out = trainer.step(x, lr)
         step += 1

@@ -156,7 +156,7 @@ def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline,
     assert subset == pytest.approx(first_loss(), rel=1e-6)
 
 
-def test_speed_flags_train_validate_and_save_on_cpu(tiny_pipeline_dir, tmp_path):
+def test_speed_flags_and_scaled_lr_train_validate_and_save_on_cpu(tiny_pipeline_dir, tmp_path):
     import numpy as np
     from PIL import Image
 
@@ -167,10 +167,25 @@ def test_speed_flags_train_validate_and_save_on_cpu(tiny_pipeline_dir, tmp_path)
     train.main(["--data", str(src), "--val", str(src), "--val-count", "1", "--val-every-minutes", "0",
                 "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
                 "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
-                "--fused-adam", "--channels-last"])
+                "--fused-adam", "--channels-last", "--lr-scaling", "sqrt", "--warmup-crops", "4"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "val" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
     run = json.loads((out / "training_state.json").read_text())["runs"][-1]
     assert run["speed"] == ["--fused-adam", "--channels-last"] and run["steps"] == 2
+    assert run["lr"] == pytest.approx(3e-4 * (2 / 32) ** 0.5) and run["lr_scaling"] == "sqrt" and run["warmup_steps"] == 2
+    assert log[0]["lr"] == pytest.approx(run["lr"] / 2, rel=0.01)  # step 1 of a 2-step warm-up
     resumed = load_pipeline(out)  # saved contiguous, as safetensors needs
     assert resumed.decompress(resumed.compress(src / "0.png", 1), progress=False).size == (100, 80)
+
+
+def test_lr_scaling_with_the_batch_and_warm_up_in_crops():
+    def schedule(*flags, processes=1):
+        return train.lr_schedule(train.parse_args(["--data", "x", *flags]), processes)
+
+    assert schedule() == (3e-4, 300)  # the recipe, unchanged by default
+    assert schedule("--batch-size", "128") == (3e-4, 300)
+    assert schedule("--batch-size", "128", "--lr-scaling", "sqrt", "--warmup-crops", "9600") == (pytest.approx(6e-4), 75)
+    assert schedule("--batch-size", "64", "--lr-scaling", "linear", processes=2) == (pytest.approx(1.2e-3), 300)
+    assert schedule("--batch-size", "32", "--lr-scaling", "sqrt", "--warmup-crops", "9600") == (pytest.approx(3e-4), 300)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x", "--warmup-crops", "0"])
