@@ -309,7 +309,13 @@ def split_parameters(compressor: CDCCompressor, unet: CDCUNet) -> tuple[list, li
 
 
 def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
-    """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32."""
+    """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32.
+
+    Non-finite weights are refused (SystemExit) rather than written. ``training_state.json`` is removed
+    first and written last, so its presence marks a complete save (a round's fallback resumes from it)."""
+    if not torch.isfinite(torch.nn.utils.get_total_norm(ema.shadow_params)):
+        raise SystemExit(f"error: the EMA weights are not finite; {out} keeps its last complete save")
+    (out / "training_state.json").unlink(missing_ok=True)
     compressor, unet = copy.deepcopy(pipe.compressor).cpu(), copy.deepcopy(pipe.unet).cpu()
     main, aux = split_parameters(compressor, unet)
     ema.copy_to(main + aux)
@@ -444,6 +450,8 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
             log.flush()
+            if not math.isfinite(row["loss"]):
+                raise SystemExit(f"error: non-finite loss at step {step}")
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
             if step > 1:

@@ -189,3 +189,24 @@ def test_lr_scaling_with_the_batch_and_warm_up_in_crops():
     assert schedule("--batch-size", "32", "--lr-scaling", "sqrt", "--warmup-crops", "9600") == (pytest.approx(3e-4), 300)
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "x", "--warmup-crops", "0"])
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_the_last_complete_save(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "0.png")
+    out = tmp_path / "run"
+    common = ["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--batch-size", "2",
+              "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu", "--warmup-steps", "1"]
+    train.main([*common, "--max-steps", "2"])
+    saved = (out / "training_state.json").read_text()
+    with pytest.raises(SystemExit, match="EMA weights are not finite"):
+        train.main([*common, "--max-steps", "60", "--lr", "1e30"])
+    assert (out / "training_state.json").read_text() == saved
+    assert load_pipeline(out).num_quality_levels == 4
+    monkeypatch.setattr(train, "save", lambda *a: None)  # without saves, the log step's loss check stops it
+    with pytest.raises(SystemExit, match="non-finite loss at step 50"):
+        train.main([*common, "--max-steps", "60", "--lr", "1e30"])
