@@ -79,10 +79,10 @@ train "$seconds" $best "$@"
 status=$?
 left=$(( seconds - (SECONDS - start) ))
 if [ "$status" -ne 0 ] && [ "$best" != "$safe" ] && [ "$left" -ge 60 ]; then
-  resume=()
-  [ -f "$work/cdc/training_state.json" ] && resume=(--resume "$work/cdc")
-  echo "fallback: batch $best failed (exit $status) after $(( SECONDS - start )) s; batch $safe trains $left s ${resume[*]:+from its last complete save}"
-  train "$left" $safe "$@" "${resume[@]}"
+  resume=""  # the failed run's last complete save, if it made one (runs/device/cdc: no spaces)
+  [ -f "$work/cdc/training_state.json" ] && resume="--resume $work/cdc"
+  echo "fallback: batch $best failed (exit $status) after $(( SECONDS - start )) s; batch $safe trains $left s ${resume:-from the given checkpoint}"
+  train "$left" $safe "$@" $resume
 fi
 [ -d "$work/cdc" ] && tar -cf "$OUT/cdc.tar" -C "$work" cdc
 
