@@ -51,7 +51,7 @@ best="" best_rate=0
 IFS=';' read -ra candidates <<<"$configs"
 for config in "${candidates[@]}"; do
   read -r batch flags <<<"$config"
-  if line=$(bench "$bench_timeout" --train --train-batch "$batch" --train-warmup 3 --train-steps 10 $flags); then
+  if line=$(bench "$bench_timeout" --train --train-batch "$batch" --train-warmup 5 --train-steps 10 $flags); then
     rate=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["train_crops_per_s"])' "$line")
     if awk -v a="$rate" -v b="$best_rate" 'BEGIN { exit !(a > b) }'; then best="$batch${flags:+ $flags}" best_rate=$rate; fi
   fi
