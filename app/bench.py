@@ -2,10 +2,12 @@
 
     python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--rho R] [--steps K] [--size 768x512] [--repeats 3]
     python -m app.bench --train [--device cpu|cuda] [--json] [--train-steps 5] [--train-batch 32] [--train-crop 256]
+                                [--fused-adam] [--channels-last] [--compile]
 
 ``--train`` times ``app.train``'s real step (``Trainer.step`` plus crop sampling) on the checkpoint's
 models with its λs, on synthetic photos: a short warm-up, then a timed stretch; crops/s is what a
-GPU round's quality scales with.
+GPU round's quality scales with. The speed flags are ``app.train``'s; the warm-up's seconds
+(``train_warmup_s``) include cudnn autotuning and, with ``--compile``, the compilation.
 
 The image is a deterministic synthetic one. Without a checkpoint the default configuration
 runs with random weights (labelled so): the speed is the same, the picture is not. Each timing
@@ -209,7 +211,7 @@ def train_throughput(args) -> dict:
     lambdas = json.loads(state_file.read_text())["lambdas"] if state_file.is_file() else None
     lambdas = lambdas or train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
     targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
-                              "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas)])
+                              "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas), *train.speed_flags(args)])
     trainer = train.Trainer(pipe, targs)
     device = trainer.device
     sampler = train.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
@@ -217,8 +219,11 @@ def train_throughput(args) -> dict:
     def step():
         trainer.step(sampler.batch(targs.batch_size), targs.lr)
 
+    t0 = time.perf_counter()
     for _ in range(args.train_warmup):
         step()
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -230,7 +235,8 @@ def train_throughput(args) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
     return {
         "machine": machine_info(args.device), "device": args.device, "weights": weights,
-        "train_batch_size": targs.batch_size, "train_crop": targs.crop, "train_steps": args.train_steps,
+        "train_batch_size": targs.batch_size, "train_crop": targs.crop, "train_speed": train.speed_flags(targs),
+        "train_warmup_steps": args.train_warmup, "train_warmup_s": warmup_s, "train_steps": args.train_steps,
         "train_steps_per_s": args.train_steps / seconds, "train_crops_per_s": args.train_steps * targs.batch_size / seconds,
         "memory": {"kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS", "peak_mib": peak},
     }
@@ -240,7 +246,8 @@ def train_report(r: dict) -> str:
     m = r["machine"]
     return "\n".join([
         f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads; weights: {r['weights']}",
-        f"training step, batch {r['train_batch_size']} × {r['train_crop']}², {r['train_steps']} timed steps",
+        f"training step, batch {r['train_batch_size']} × {r['train_crop']}², {' '.join(r['train_speed']) or 'no speed flags'}; "
+        f"{r['train_warmup_steps']} warm-up steps in {r['train_warmup_s']:.1f} s, {r['train_steps']} timed steps",
         f"throughput    {r['train_crops_per_s']:.1f} crops/s ({r['train_steps_per_s']:.3f} steps/s)",
         f"memory        {r['memory']['kind']}: {r['memory']['peak_mib']:.0f} MiB peak",
     ])
@@ -260,6 +267,9 @@ def main(argv=None) -> dict:
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
     p.add_argument("--train-batch", type=int, default=32, help="crops per step (default 32, the recipe's)")
     p.add_argument("--train-crop", type=int, default=256, help="crop side (default 256, the recipe's)")
+    p.add_argument("--fused-adam", action="store_true", help="app.train's speed flag of that name")
+    p.add_argument("--channels-last", action="store_true", help="app.train's speed flag of that name")
+    p.add_argument("--compile", action="store_true", help="app.train's speed flag of that name")
     args = p.parse_args(argv)
     if min(args.train_steps, args.train_batch) < 1 or args.train_warmup < 0 or args.train_crop < 64 or args.train_crop % 64:
         p.error("--train-steps and --train-batch must be ≥ 1, --train-warmup ≥ 0, --train-crop a multiple of 64")

@@ -13,8 +13,15 @@ compressai's auxiliary loss trains the entropy bottleneck's quantiles. Adam with
 cosine decay over the time budget, EMA weights (what is saved), gradient clipping, bf16 autocast
 on CUDA, fp32 likelihoods.
 
+For GPU throughput a step never waits for the device (crops cut on the device, noise drawn there,
+the few per-crop draws sent asynchronously) and LPIPS runs only on the crops with ρ > 0. Optional,
+off by default: ``--fused-adam``, ``--channels-last``, ``--compile``, and larger batches with
+``--lr-scaling sqrt --warmup-crops 9600`` (the recipe's LR and warm-up at batch 32, √-scaled LR above).
+
     python -m app.train --data ../shared/datasets/train --out runs/cdc --max-minutes 60
     python -m app.train --pack-to .data/train --data ../shared/datasets/train   # native-resolution tiles for the GPU machine
+    python -m app.train --data .data/train --resume checkpoints/cdc --batch-size 128 --lr-scaling sqrt --warmup-crops 9600 \
+        --fused-adam --channels-last   # the GPU round's fast configuration (scripts/device_train.sh)
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 
 DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
 GRID_SHARE, GRID_JITTER = 0.5, 8
+RECIPE_BATCH = 32  # the batch --lr is meant for (with --lr-scaling)
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+SPEED_FLAGS = ("fused_adam", "channels_last", "compile")
 
 
 def image_files_in(folders) -> list[Path]:
@@ -81,28 +91,54 @@ def _packed(out: Path, count: int, pixels: int, total: int, photos: int) -> dict
     return {"tiles": count, "pixels": pixels, "bytes": total, "photos": photos}
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: on CUDA an asynchronous copy from pinned memory (the host does not wait)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class CropSampler:
-    """Random crops with horizontal flips, from RGB images held in (device) memory as uint8."""
+    """Random ``crop``² crops with horizontal flips, from RGB images held on the device as uint8.
+
+    Images of one size are stacked into one tensor and a batch is cut from each stack it draws from
+    by index_select and one gather of pixel offsets (a flip reverses the columns), no per-crop loop. The
+    crops come grouped by image size, an order without meaning. Image, position and flip are drawn
+    by a seeded CPU generator and reach the device as small index tensors, without a host sync."""
 
     def __init__(self, images, crop: int, device, seed: int):
-        self.crop = crop
-        self.images = []
+        self.crop, self.device = crop, torch.device(device)
+        by_size: dict[tuple, list] = {}
         for img in images:
             if min(img.size) < crop:
                 scale = crop / min(img.size)
                 img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.BICUBIC)
-            self.images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(device))
-        self.rng = random.Random(seed)
+            by_size.setdefault(img.size, []).append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        self.stacks = [torch.stack(group).to(self.device) for group in by_size.values()]
+        self.group = torch.cat([torch.full((len(g),), k) for k, g in enumerate(by_size.values())])
+        self.local = torch.cat([torch.arange(len(g)) for g in by_size.values()])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.group)
 
     def batch(self, n: int) -> torch.Tensor:
-        crops = []
-        for _ in range(n):
-            img = self.images[self.rng.randrange(len(self.images))]
-            top = self.rng.randint(0, img.shape[1] - self.crop)
-            left = self.rng.randint(0, img.shape[2] - self.crop)
-            c = img[:, top : top + self.crop, left : left + self.crop]
-            crops.append(c.flip(-1) if self.rng.random() < 0.5 else c)
-        return torch.stack(crops).float() / 127.5 - 1.0
+        """``n`` crops (n, 3, crop, crop) in [-1, 1]."""
+        c = self.crop
+        i = torch.randint(len(self), (n,), generator=self.gen)
+        pos = torch.rand(n, 2, generator=self.gen, dtype=torch.float64)
+        flip = torch.rand(n, generator=self.gen) < 0.5
+        span = torch.arange(c)
+        group, parts = self.group[i], []
+        for k in group.unique().tolist():
+            mask = group == k
+            stack = self.stacks[k]
+            h, w = stack.shape[2:]
+            rows = (pos[mask, :1] * (h - c + 1)).long() + span
+            cols = (pos[mask, 1:] * (w - c + 1)).long() + torch.where(flip[mask, None], span.flip(0), span)
+            pixels = (rows[:, :, None] * w + cols[:, None, :]).flatten(1)  # crop pixel → offset in the image plane
+            j, pixels = to_device(self.local[i[mask]], self.device), to_device(pixels, self.device)
+            x = stack.index_select(0, j).flatten(2).gather(2, pixels[:, None].expand(len(j), 3, c * c))
+            parts.append(x.view(len(j), 3, c, c))
+        return torch.cat(parts).float().mul_(1 / 127.5).sub_(1.0)
 
 
 def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,6 +146,14 @@ def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
     u = torch.rand(n, generator=generator)
     rho = torch.rand(n, generator=generator)
     return torch.where(u < 0.3, 0.0, torch.where(u < 0.6, 0.9, rho))
+
+
+def perceptual_indices(rho: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """The samples whose loss uses LPIPS: every one with ρ > 0 (ρ = 0 weighs LPIPS by exactly 0), topped
+    up with ρ = 0 samples to a multiple of ``multiple``, so that LPIPS sees few batch shapes (cudnn autotuning)."""
+    order = torch.argsort((rho == 0).to(torch.uint8), stable=True)
+    count = -(-int((rho > 0).sum()) // multiple) * multiple
+    return order[: min(count, len(rho))]
 
 
 def decode_grid(max_steps: int = 4) -> list[list[int]]:
@@ -124,13 +168,30 @@ def decode_grid(max_steps: int = 4) -> list[list[int]]:
 def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jitter: int,
                      num_train_timesteps: int = 1000) -> torch.Tensor:
     """t for a batch: with probability ``share`` a step of a few-step decode (K uniform, then one of its
-    K steps, ± ``jitter``), otherwise uniform on [0, T), so that other K and schedulers still work."""
-    k = torch.randint(len(grid), (n,), generator=generator).tolist()
-    step = torch.rand(n, generator=generator).tolist()
-    on_grid = torch.tensor([grid[ki][int(s * len(grid[ki]))] for ki, s in zip(k, step)])
+    K steps, ± ``jitter``), otherwise uniform on [0, T), so that other K and schedulers still work.
+
+    Vectorised over the batch, with ``grid`` padded to a tensor (CPU generator)."""
+    lengths = torch.tensor([len(steps) for steps in grid])
+    padded = torch.tensor([steps + steps[-1:] * (int(lengths.max()) - len(steps)) for steps in grid])
+    k = torch.randint(len(grid), (n,), generator=generator)
+    step = torch.rand(n, generator=generator)
+    on_grid = padded[k, (step.double() * lengths[k]).long()]
     on_grid = (on_grid + torch.randint(-jitter, jitter + 1, (n,), generator=generator)).clamp(0, num_train_timesteps - 1)
     uniform = torch.randint(num_train_timesteps, (n,), generator=generator)
     return torch.where(torch.rand(n, generator=generator) < share, on_grid, uniform)
+
+
+def speed_flags(args) -> list[str]:
+    """The speed options that are on, as command-line flags."""
+    return ["--" + name.replace("_", "-") for name in SPEED_FLAGS if getattr(args, name)]
+
+
+def lr_schedule(args, processes: int = 1) -> tuple[float, int]:
+    """(peak LR, warm-up steps) for the global batch ``batch_size × processes``: ``--lr`` scaled from the
+    recipe's batch of 32 by ``--lr-scaling``, the warm-up ``--warmup-crops`` long if given."""
+    batch = args.batch_size * processes
+    peak = args.lr * (batch / RECIPE_BATCH) ** LR_SCALING[args.lr_scaling]
+    return peak, max(1, math.ceil(args.warmup_crops / batch) if args.warmup_crops else args.warmup_steps)
 
 
 def build_pipeline(args) -> CDCPipeline:
@@ -146,10 +207,15 @@ class Trainer:
     Runs through Hugging Face accelerate: ``python -m app.train`` trains in one process (GPU or CPU),
     ``accelerate launch -m app.train`` data-parallel (DDP: gradients are averaged, every process
     draws its own crops). bf16 autocast on CUDA, likelihoods in fp32. :meth:`step` is one
-    optimisation step; training and ``app.bench --train`` both run it."""
+    optimisation step; training and ``app.bench --train`` both run it, with the same optional speed
+    settings: ``fused_adam`` (one fused Adam kernel), ``channels_last`` (NHWC convolutions for the
+    compressor, UNet and LPIPS) and ``compile`` (``torch.compile`` of the UNet)."""
 
     def __init__(self, pipe: CDCPipeline, args):
         cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.device = device = self.accelerator.device
@@ -157,19 +223,25 @@ class Trainer:
         pipe.compressor.train()
         pipe.unet.train()
         self.lpips = load_lpips(args.lpips_net, device=device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        for module in (pipe.compressor, pipe.unet, self.lpips):
+            module.to(memory_format=self.memory_format)
         self.main_params, aux_params = split_parameters(pipe.compressor, pipe.unet)
         self.params = self.main_params + aux_params
-        opt = torch.optim.Adam(self.main_params, lr=args.lr)
+        opt = torch.optim.Adam(self.main_params, lr=args.lr, fused=args.fused_adam or None)
         aux_opt = torch.optim.Adam(aux_params, lr=3e-3)  # the quantiles: local to each process, refit at save
         self.compressor, self.unet, self.opt, self.aux_opt = self.accelerator.prepare(
             pipe.compressor, pipe.unet, opt, aux_opt)
-        self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
+        if args.compile:
+            self.unet = torch.compile(self.unet)
+        self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
         self.lambdas = torch.tensor(args.lambdas, device=device)
         alphas = pipe.scheduler.alphas_cumprod.to(device)
         self.snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
         rank = 1000 * self.accelerator.process_index  # process 0 keeps the seeds of a single-process run
         self.gen = torch.Generator().manual_seed(args.seed + rank)
         self.t_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # own stream: samplers differ only in t
+        self.noise_gen = torch.Generator(device).manual_seed(args.seed + 2 + rank)  # drawn where it is used
         self.grid = decode_grid()
 
     def main_clock(self, seconds: float) -> float:
@@ -179,27 +251,32 @@ class Trainer:
         return broadcast(torch.tensor([seconds], device=self.device)).item()
 
     def step(self, x: torch.Tensor, lr: float) -> dict:
-        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors) and x̂0."""
+        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors; ``perceptual``:
+        LPIPS of the samples :func:`perceptual_indices` picks) and x̂0. Nothing in it waits for the device."""
         compressor, unet, scheduler, args, device = self.compressor, self.unet, self.pipe.scheduler, self.args, self.device
         for g in self.opt.param_groups:
             g["lr"] = lr
+        x = x.contiguous(memory_format=self.memory_format)
         n, _, h, w = x.shape
-        q = torch.randint(len(args.lambdas), (n,), generator=self.gen).to(device)
-        rho = sample_rho(n, self.gen).to(device)
+        q = torch.randint(len(args.lambdas), (n,), generator=self.gen)
+        rho = sample_rho(n, self.gen)
         t = sample_timesteps(n, self.t_gen, self.grid, args.grid_share, args.grid_jitter,
-                             scheduler.config.num_train_timesteps).to(device)
-        noise = torch.randn(x.shape, generator=self.gen).to(device)
+                             scheduler.config.num_train_timesteps)
+        lp = perceptual_indices(rho)
+        q, rho, t, lp = (to_device(v, device) for v in (q, rho, t, lp))
+        noise = torch.empty_like(x).normal_(generator=self.noise_gen)
 
         with self.accelerator.autocast():
             out = compressor(x, q)
             x_t = scheduler.add_noise(x, noise, t)
             x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
-            perceptual = self.lpips(x0_hat, x).float()
+            perceptual = self.lpips(x0_hat.index_select(0, lp), x.index_select(0, lp)).float()
         bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
         bpp = -bits / (h * w)
         mse = (x0_hat - x).pow(2).flatten(1).mean(1)
         base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
-        loss = (self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + rho * perceptual + base_mse).mean()
+        loss = ((self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + base_mse).sum()
+                + (rho.index_select(0, lp) * perceptual).sum()) / n
 
         self.opt.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -239,13 +316,19 @@ def split_parameters(compressor: CDCCompressor, unet: CDCUNet) -> tuple[list, li
 
 
 def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
-    """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32."""
+    """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32.
+
+    Non-finite weights are refused (SystemExit) rather than written. ``training_state.json`` is removed
+    first and written last, so its presence marks a complete save (a round's fallback resumes from it)."""
+    if not torch.isfinite(torch.nn.utils.get_total_norm(ema.shadow_params)):
+        raise SystemExit(f"error: the EMA weights are not finite; {out} keeps its last complete save")
+    (out / "training_state.json").unlink(missing_ok=True)
     compressor, unet = copy.deepcopy(pipe.compressor).cpu(), copy.deepcopy(pipe.unet).cpu()
     main, aux = split_parameters(compressor, unet)
     ema.copy_to(main + aux)
     compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
     for p in main + aux:
-        p.data = p.data.half()
+        p.data = p.data.to(torch.float16, memory_format=torch.contiguous_format)  # safetensors wants contiguous
     CDCPipeline(compressor, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
         out, max_shard_size="9MB"
     )
@@ -254,9 +337,11 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
 
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
+    peak_lr, warmup = lr_schedule(args, processes)
     run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
-           "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1),
-           "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr,
+           "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
+           "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
+           "warmup_steps": warmup,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -283,7 +368,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-scaling", choices=tuple(LR_SCALING), default="none",
+                    help="scale --lr with the global batch B against 32: sqrt = lr·√(B/32) (Adam's rule), linear = lr·B/32")
     ap.add_argument("--warmup-steps", type=int, default=300)
+    ap.add_argument("--warmup-crops", type=int,
+                    help="warm-up length in crops instead of steps (9600 = the recipe's 300 steps × 32)")
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="rate weight per quality level")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
@@ -297,9 +386,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, help="JSON-lines log (default OUT/log.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    speed = ap.add_argument_group("speed (same results up to rounding; off by default)")
+    speed.add_argument("--fused-adam", action="store_true", help="fused Adam (one kernel for all parameters)")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) memory format for the convolutions")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time counts in --max-minutes)")
     args = ap.parse_args(argv)
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
+    if args.warmup_crops is not None and args.warmup_crops < 1:
+        ap.error("--warmup-crops must be at least 1")
     return args
 
 
@@ -313,8 +408,6 @@ def main(argv=None) -> None:
     start = time.monotonic()
     budget = args.max_minutes * 60
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     pipe = build_pipeline(args)
     prior_file = args.resume / "training_state.json" if args.resume else None
@@ -324,12 +417,13 @@ def main(argv=None) -> None:
     trainer = Trainer(pipe, args)
     accelerator, device = trainer.accelerator, trainer.device
     main_process, processes = accelerator.is_main_process, accelerator.num_processes
+    peak_lr, warmup = lr_schedule(args, processes)
     sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device,
                           args.seed + accelerator.process_index)
     val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val and main_process else []
     log = None
     if main_process:
-        print(f"{len(sampler.images)} training images, {len(val_images)} validation images, "
+        print(f"{len(sampler)} training images, {len(val_images)} validation images, "
               f"{processes} process(es) on {device}", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         log = open(args.log or args.out / "log.jsonl", "a")
@@ -341,7 +435,7 @@ def main(argv=None) -> None:
         if elapsed >= budget or step == args.max_steps:
             break
         frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = sampler.batch(args.batch_size)
         out = trainer.step(x, lr)
         step += 1
@@ -353,15 +447,19 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 x0_psnr = (10 * torch.log10(4 / (out["x0_hat"].clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
                 base_psnr = (10 * torch.log10(4 / out["base_mse"])).mean()
+                with accelerator.autocast():  # LPIPS of the whole batch: the step skips the crops with ρ = 0
+                    x0_lpips = trainer.lpips(out["x0_hat"], x).float().mean()
             row = {
                 "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": out["loss"].item(),
                 "bpp": out["bpp"].mean().item(), "mse_x0": out["mse"].mean().item(),
-                "lpips_x0": out["perceptual"].mean().item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
+                "lpips_x0": x0_lpips.item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
                 "aux": out["aux"].item(), "grad_norm": out["grad_norm"].item(),
             }
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")
             log.flush()
+            if not math.isfinite(row["loss"]):
+                raise SystemExit(f"error: non-finite loss at step {step}")
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
             if step > 1:

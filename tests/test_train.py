@@ -93,3 +93,120 @@ def test_two_process_data_parallel_run_on_cpu(tiny_pipeline_dir, tmp_path):
     run = json.loads((out / "training_state.json").read_text())["runs"][-1]
     assert run["processes"] == 2 and run["steps"] == 2 and run["crops"] == 2 * 2 * 2
     assert load_pipeline(out).num_quality_levels == 4
+
+
+def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically():
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def as_uint8(x):
+        return ((x + 1) * 127.5).round().to(torch.uint8)
+
+    def match(crops, image):  # (crops, windows) where crop = window, and where crop = mirrored window
+        windows = image.permute(2, 0, 1).unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(1, -1, 3, 16, 16)
+        return ((crops[:, None] == windows).all((2, 3, 4)), (crops.flip(-1)[:, None] == windows).all((2, 3, 4)))
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((24, 24), (24, 24), (30, 41), (12, 20))]
+    images = [Image.fromarray(a) for a in arrays]
+    sampler = train.CropSampler(images, 16, "cpu", seed=5)
+    assert len(sampler) == 4 and len(sampler.stacks) == 3  # the 12×20 image is upscaled to a short side of 16
+    x = sampler.batch(64)
+    assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    planes = [torch.from_numpy(np.array(images[3].resize((27, 16), Image.BICUBIC) if k == 3 else a))
+              for k, a in enumerate(arrays)]
+    hits = [match(as_uint8(x), p) for p in planes]
+    plain = torch.stack([h[0].any(1) for h in hits], 1)
+    mirrored = torch.stack([h[1].any(1) for h in hits], 1)
+    assert (plain | mirrored).any(1).all()  # every crop is a window of an image, possibly mirrored
+    assert (plain | mirrored).any(0).all() and 16 < int((~plain.any(1)).sum()) < 48  # all images, about half mirrored
+
+    one = torch.from_numpy(rng.integers(0, 256, (18, 21, 3), dtype=np.uint8))
+    plain, mirrored = match(as_uint8(train.CropSampler([Image.fromarray(one.numpy())], 16, "cpu", 0).batch(400)), one)
+    assert plain.any(0).sum() == mirrored.any(0).sum() == 3 * 6  # every position, plain and mirrored
+
+    assert torch.equal(train.CropSampler(images, 16, "cpu", seed=5).batch(64), x)
+    assert not torch.equal(train.CropSampler(images, 16, "cpu", seed=6).batch(64), x)
+
+
+def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline, monkeypatch):
+    import copy
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 32, 128):
+        rho = train.sample_rho(n, g)
+        picked = train.perceptual_indices(rho)
+        assert set((rho > 0).nonzero().flatten().tolist()) <= set(picked.tolist())
+        assert len(set(picked.tolist())) == len(picked) and (len(picked) % 8 == 0 or len(picked) == n)
+
+    args = train.parse_args(["--data", "x", "--device", "cpu", "--lambdas", "0.1", "0.05", "0.02", "0.01"])
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+
+    def first_loss():
+        torch.manual_seed(0)  # compressai's quantisation noise
+        return train.Trainer(copy.deepcopy(tiny_pipeline), args).step(x, 1e-4)["loss"].item()
+
+    only = train.perceptual_indices
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho: only(rho, multiple=1))  # 5 of these 8 have ρ > 0
+    subset = first_loss()
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho: torch.arange(len(rho)))
+    assert subset == pytest.approx(first_loss(), rel=1e-6)
+
+
+def test_speed_flags_and_scaled_lr_train_validate_and_save_on_cpu(tiny_pipeline_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(src / "0.png")
+    out = tmp_path / "run"
+    train.main(["--data", str(src), "--val", str(src), "--val-count", "1", "--val-every-minutes", "0",
+                "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
+                "--fused-adam", "--channels-last", "--lr-scaling", "sqrt", "--warmup-crops", "4"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "val" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
+    run = json.loads((out / "training_state.json").read_text())["runs"][-1]
+    assert run["speed"] == ["--fused-adam", "--channels-last"] and run["steps"] == 2
+    assert run["lr"] == pytest.approx(3e-4 * (2 / 32) ** 0.5) and run["lr_scaling"] == "sqrt" and run["warmup_steps"] == 2
+    assert log[0]["lr"] == pytest.approx(run["lr"] / 2, rel=0.01)  # step 1 of a 2-step warm-up
+    resumed = load_pipeline(out)  # saved contiguous, as safetensors needs
+    assert resumed.decompress(resumed.compress(src / "0.png", 1), progress=False).size == (100, 80)
+
+
+def test_lr_scaling_with_the_batch_and_warm_up_in_crops():
+    def schedule(*flags, processes=1):
+        return train.lr_schedule(train.parse_args(["--data", "x", *flags]), processes)
+
+    assert schedule() == (3e-4, 300)  # the recipe, unchanged by default
+    assert schedule("--batch-size", "128") == (3e-4, 300)
+    assert schedule("--batch-size", "128", "--lr-scaling", "sqrt", "--warmup-crops", "9600") == (pytest.approx(6e-4), 75)
+    assert schedule("--batch-size", "64", "--lr-scaling", "linear", processes=2) == (pytest.approx(1.2e-3), 300)
+    assert schedule("--batch-size", "32", "--lr-scaling", "sqrt", "--warmup-crops", "9600") == (pytest.approx(3e-4), 300)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x", "--warmup-crops", "0"])
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_the_last_complete_save(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "0.png")
+    out = tmp_path / "run"
+    common = ["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--batch-size", "2",
+              "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu", "--warmup-steps", "1"]
+    train.main([*common, "--max-steps", "2"])
+    saved = (out / "training_state.json").read_text()
+    with pytest.raises(SystemExit, match="EMA weights are not finite"):
+        train.main([*common, "--max-steps", "60", "--lr", "1e30"])
+    assert (out / "training_state.json").read_text() == saved
+    assert load_pipeline(out).num_quality_levels == 4
+    monkeypatch.setattr(train, "save", lambda *a: None)  # without saves, the log step's loss check stops it
+    with pytest.raises(SystemExit, match="non-finite loss at step 50"):
+        train.main([*common, "--max-steps", "60", "--lr", "1e30"])
