@@ -8,23 +8,24 @@
 #     with tuning, 7 without), in the fastest configuration that ran, with the learning rate scaled by
 #     √(batch/32) and a 9,600-crop warm-up; if that run fails (a CUDA-only feature, divergence), the SAFE
 #     configuration trains the time left, from the failed run's last complete save if it made one;
-#  3. re-tunes the decode defaults on .data/val (about 2 minutes; TUNE=0 skips it), times the codec, and
+#  3. with TUNE=1 re-tunes the decode defaults on .data/val (about 2.5 minutes of the round; by default the
+#     CPU does it afterwards, where minutes are cheap: python -m app.tune ... --apply), times the codec, and
 #     returns everything as one file, $OUT/cdc.tar (written after training, rewritten after tuning):
-#     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl and tune.json.
+#     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl (and tune.json with TUNE=1).
 # Environment, with defaults:
 #   LAMBDAS="3.6 0.92 0.24 0.062 0.016 0.0042"  the set for about 0.05–0.6 bpp on Kodak: a log-log
 #       fit of the shipped levels (bpp = 0.0798·λ^−0.368) solved for 6 rates evenly spaced in log
 #   CONFIGS="32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last"  "BATCH [FLAGS]; ...";
 #       with --compile the compile time shows in train_warmup_s, and training pays it again
 #   SAFE="32"  BATCH [FLAGS] of the fallback      DEADLINE=570  seconds after the start, for a 600 s call
-#   TUNE=1  TUNE_ARGS=""  extra app.tune arguments      DEVICE=cuda      BENCH_TIMEOUT=60  seconds per bench
+#   TUNE=0  TUNE_ARGS=""  extra app.tune arguments      DEVICE=cuda      BENCH_TIMEOUT=60  seconds per bench
 set -uo pipefail
 minutes=$1; shift
 t0=$SECONDS
 lambdas=${LAMBDAS:-3.6 0.92 0.24 0.062 0.016 0.0042}
 configs=${CONFIGS:-32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last}
 safe=${SAFE:-32}
-deadline=${DEADLINE:-570} device=${DEVICE:-cuda} tune=${TUNE:-1} bench_timeout=${BENCH_TIMEOUT:-60}
+deadline=${DEADLINE:-570} device=${DEVICE:-cuda} tune=${TUNE:-0} bench_timeout=${BENCH_TIMEOUT:-60}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
   export PYTHONPATH=$PWD/.site
