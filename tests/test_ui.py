@@ -147,7 +147,7 @@ def test_rho_strip_one_file_several_rhos(tiny_pipeline, compressed):
     result = compressed[4]
     gallery, info = ui.rho_strip(tiny_pipeline, result, 0.7, 1, 0.5, 3)
     assert [caption.split(":")[0] for _, caption in gallery] == ["ρ = 0", "ρ = 0.5", "ρ = 0.7", "ρ = 0.9"]
-    assert "(1 step, γ = 0.5)" in gallery[2][1]  # the chosen ρ with the chosen settings; the others tuned
+    assert "(1 step, γ = 0.50)" in gallery[2][1]  # the chosen ρ with the chosen settings; the others tuned
     again = tiny_pipeline.decompress(result["data"], 1, 0.7, ui._generator(3), 0.5, progress=False)
     assert gallery[2][0].tobytes() == again.tobytes()  # decoded from the one stored file
     assert len({image.tobytes() for image, _ in gallery}) == 4

@@ -163,7 +163,7 @@ class CodingTables(nn.Module):
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
         """Index of σ in the scale table, by integer comparison: #{bounds < σ} (compressai's rule)."""
-        return torch.bucketize(sigma_fx, self.scale_bounds.long())
+        return torch.bucketize(sigma_fx.contiguous(), self.scale_bounds.long())
 
     def z_median_fx(self) -> torch.Tensor:
         return self.z_median.long().view(1, -1, 1, 1)
