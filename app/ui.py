@@ -206,6 +206,12 @@ def compare(result, left, right) -> dict:
     return gr.update(value=tuple(shown), label=" | ".join(labels))
 
 
+def _psnr_lpips(original, image) -> tuple:
+    """(PSNR, LPIPS or None) of ``image`` against ``original``: the two figures the strip and the plot show."""
+    x, y = np.asarray(original), np.asarray(image)
+    return metrics.psnr(x, y), metrics.lpips_distance(x, y)
+
+
 def _need(result):
     if not result:
         raise _error("Compress an image first.")
@@ -226,7 +232,7 @@ def rho_strip(pipe, result, rho, steps, noise_scale, seed, progress=gr.Progress(
         t0 = time.perf_counter()
         image = _decode(pipe, data, k, r, seed, gamma)
         seconds = time.perf_counter() - t0
-        psnr, lpips = metrics.psnr(original, image), metrics.lpips_distance(original, image)
+        psnr, lpips = _psnr_lpips(original, image)
         gallery.append((image, f"ρ = {r:g}: PSNR {_fmt(psnr, 2)} dB, LPIPS {_fmt(lpips, 3)} ({_steps(k)}, γ = {gamma:.2f})"))
         rows.append(f"| {r:g} | {k} | {gamma:.2f} | {_fmt(psnr, 2)} | {_fmt(lpips, 4)} | {seconds:.2f} |")
     total = time.perf_counter() - t_all
@@ -250,12 +256,10 @@ def rd_plot(pipe, result, progress=gr.Progress()):
         for r in PLOT_RHOS:
             k, gamma = pipe.decode_settings(r)
             image = _decode(pipe, data, k, r, 0, gamma)
-            curves.setdefault(f"CDC ρ = {r:g}", []).append(
-                (bits_per_pixel(data), metrics.psnr(original, image), metrics.lpips_distance(original, image)))
+            curves.setdefault(f"CDC ρ = {r:g}", []).append((bits_per_pixel(data), *_psnr_lpips(original, image)))
     for i, codec in enumerate(classical.CODECS):
         progress((len(levels) + i) / jobs, desc=CODEC_NAMES[codec])
-        curves[CODEC_NAMES[codec]] = [(r.bpp, metrics.psnr(original, r.image), metrics.lpips_distance(original, r.image))
-                                      for r in classical.sweep(original, codec)]
+        curves[CODEC_NAMES[codec]] = [(r.bpp, *_psnr_lpips(original, r.image)) for r in classical.sweep(original, codec)]
     seconds = time.perf_counter() - t0
     # x up to 1.5× CDC's largest rate, wide enough for each classical curve's two smallest files
     top = max([1.5 * max(b for name, points in curves.items() if name.startswith("CDC") for b, _, _ in points)]
