@@ -40,9 +40,9 @@ _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 class CompressorOutput(BaseOutput):
     """compressai style: ``likelihoods`` holds {"y", "z"}; ``content`` the pyramid (fine→coarse)."""
 
-    content: list
-    x_base: torch.Tensor
-    likelihoods: dict
+    content: list = None  # defaults as in diffusers: accelerate's fp32 cast rebuilds outputs from a dict
+    x_base: torch.Tensor = None
+    likelihoods: dict = None
 
 
 class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):

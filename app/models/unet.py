@@ -29,7 +29,7 @@ from torch import nn
 class CDCUNetOutput(BaseOutput):
     """``sample``: the prediction (x0 for ``prediction_type="sample"``), shape of the input."""
 
-    sample: torch.Tensor
+    sample: torch.Tensor = None
 
 
 class CDCUNet(ModelMixin, ConfigMixin):
