@@ -216,7 +216,8 @@ class Trainer:
         if cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no",
+        precision = args.mixed_precision if args.mixed_precision != "auto" else "bf16" if cuda else "no"
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.device = device = self.accelerator.device
         self.pipe, self.args = pipe.to(device), args
@@ -386,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log", type=Path, help="JSON-lines log (default OUT/log.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto",
+                    help="bf16 autocast (likelihoods stay fp32); auto: bf16 on CUDA, none on the CPU")
     speed = ap.add_argument_group("speed (same results up to rounding; off by default)")
     speed.add_argument("--fused-adam", action="store_true", help="fused Adam (one kernel for all parameters)")
     speed.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) memory format for the convolutions")

@@ -11,7 +11,8 @@
 #  3. with TUNE=1 re-tunes the decode defaults on .data/val (about 2.5 minutes of the round; by default the
 #     CPU does it afterwards, where minutes are cheap: python -m app.tune ... --apply), times the codec, and
 #     returns everything as one file, $OUT/cdc.tar (written after training, rewritten after tuning):
-#     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl (and tune.json with TUNE=1).
+#     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl (and tune.json with TUNE=1); everything the
+#     round prints (the throughput lines first) also comes back whole as $OUT/round.log.
 # Environment, with defaults:
 #   LAMBDAS="3.6 0.92 0.24 0.062 0.016 0.0042"  the set for about 0.05–0.6 bpp on Kodak: a log-log
 #       fit of the shipped levels (bpp = 0.0798·λ^−0.368) solved for 6 rates evenly spaced in log
@@ -21,6 +22,7 @@
 #   TUNE=0  TUNE_ARGS=""  extra app.tune arguments      DEVICE=cuda      BENCH_TIMEOUT=60  seconds per bench
 set -uo pipefail
 minutes=$1; shift
+exec > >(tee "${OUT:?the device call sets OUT}/round.log") 2>&1  # the call's reply keeps only the tail
 t0=$SECONDS
 lambdas=${LAMBDAS:-3.6 0.92 0.24 0.062 0.016 0.0042}
 configs=${CONFIGS:-32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last}

@@ -178,6 +178,23 @@ def test_speed_flags_and_scaled_lr_train_validate_and_save_on_cpu(tiny_pipeline_
     assert resumed.decompress(resumed.compress(src / "0.png", 1), progress=False).size == (100, 80)
 
 
+def test_bf16_autocast_as_on_cuda_trains_and_saves_on_cpu(tiny_pipeline_dir, tmp_path):
+    """The CUDA path: accelerate casts the bf16 outputs back to fp32 by rebuilding the output dataclasses."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(src / "0.png")
+    out = tmp_path / "run"
+    train.main(["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2",
+                "--batch-size", "2", "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
+                "--mixed-precision", "bf16"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 1 and all(np.isfinite(log[0][k]) for k in ("loss", "bpp", "mse_x0"))
+    assert json.loads((out / "training_state.json").read_text())["runs"][-1]["steps"] == 2
+
+
 def test_lr_scaling_with_the_batch_and_warm_up_in_crops():
     def schedule(*flags, processes=1):
         return train.lr_schedule(train.parse_args(["--data", "x", *flags]), processes)
