@@ -104,3 +104,18 @@ def test_integer_hyper_synthesis_matches_the_float_one():
         ref_sigma, ref_mu = h_s(z.float()).chunk(2, dim=1)
     assert sigma.dtype == mu.dtype == torch.int64
     assert (to_float(sigma) - ref_sigma).abs().max() < 2e-3 and (to_float(mu) - ref_mu).abs().max() < 2e-3
+
+
+def test_exported_files_verify_elsewhere_against_the_hashes_from_where_they_were_written(golden_pipeline, tmp_path):
+    """--export on one machine, --verify on another: here two kernel settings stand in for the other machine."""
+    check = _portability_check()
+    src = tmp_path / "src"
+    src.mkdir()
+    photo().save(src / "photo.png")
+    folder = tmp_path / "export"
+    check.export(golden_pipeline, [src / "photo.png"], folder)
+    written = json.loads((folder / "latents.json").read_text())
+    assert sorted(written) == [f"photo_q{level}.cdc" for level in range(golden_pipeline.num_quality_levels)]
+    settings = {name: check.SETTINGS[name] for name in ("default", "oneDNN AVX2")}
+    found = check.verify(folder, str(GOLDEN / "cdc"), settings)
+    assert found == {name: written for name in settings}
