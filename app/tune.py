@@ -7,7 +7,7 @@ file at each level, and decoded with every setting of the grid at every ρ, with
 seed for all settings. Per ρ the best setting is the one with the highest PSNR (ρ < 0.5) or the
 lowest LPIPS (ρ ≥ 0.5), averaged over images and levels, among settings no slower than the first
 checkpoint's default (``--max-steps``, 4: time is proportional to K). The default sweep (12 crops,
-2 levels, 5 ρ, 60 settings) takes about 40 minutes on a 2-core CPU and a few minutes on a GPU.
+2 levels, 5 ρ, 60 settings) takes about 30 minutes on a 2-core CPU and a few minutes on a GPU.
 
 The scheduler and spacing are one choice for all ρ (a checkpoint holds one scheduler): the family
 that is best at the most ρ values, ties going to the checkpoint's current one. One-step decodes
