@@ -374,7 +374,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=300)
     ap.add_argument("--warmup-crops", type=int,
                     help="warm-up length in crops instead of steps (9600 = the recipe's 300 steps × 32)")
-    ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), help="rate weight per quality level")
+    ap.add_argument("--lambdas", type=float, nargs="+",
+                    help="rate weight per quality level (default: the resumed checkpoint's, else DEFAULT_LAMBDAS)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
                     help="share of t drawn on the 1–4-step decode timesteps (0 = uniform t)")
@@ -412,9 +413,10 @@ def main(argv=None) -> None:
     budget = args.max_minutes * 60
     torch.manual_seed(args.seed)
 
-    pipe = build_pipeline(args)
     prior_file = args.resume / "training_state.json" if args.resume else None
     prior = json.loads(prior_file.read_text()) if prior_file and prior_file.exists() else {}
+    args.lambdas = args.lambdas or prior.get("lambdas") or list(DEFAULT_LAMBDAS)
+    pipe = build_pipeline(args)
     if pipe.num_quality_levels != len(args.lambdas):
         raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
     trainer = Trainer(pipe, args)

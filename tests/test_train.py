@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 
 from app import train
 from app.pipeline import load_pipeline
@@ -187,12 +188,32 @@ def test_bf16_autocast_as_on_cuda_trains_and_saves_on_cpu(tiny_pipeline_dir, tmp
     src.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(src / "0.png")
     out = tmp_path / "run"
-    train.main(["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2",
-                "--batch-size", "2", "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
-                "--mixed-precision", "bf16"])
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process-wide state other tests set to "no"
+    try:
+        train.main(["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--max-steps", "2",
+                    "--batch-size", "2", "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
+                    "--mixed-precision", "bf16"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and all(np.isfinite(log[0][k]) for k in ("loss", "bpp", "mse_x0"))
     assert json.loads((out / "training_state.json").read_text())["runs"][-1]["steps"] == 2
+
+
+def test_a_resumed_run_keeps_the_checkpoints_lambdas_unless_given(tiny_pipeline_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "0.png")
+    common = ["--data", str(src), "--max-steps", "1", "--batch-size", "1", "--crop", "64", "--device", "cpu"]
+    train.main([*common, "--resume", str(tiny_pipeline_dir), "--out", str(tmp_path / "a"), "--lambdas", "0.3", "0.2", "0.1", "0.05"])
+    train.main([*common, "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    state = json.loads((tmp_path / "b" / "training_state.json").read_text())
+    assert state["lambdas"] == [0.3, 0.2, 0.1, 0.05] and len(state["runs"]) == 2
+    with pytest.raises(SystemExit, match="6 lambdas for a model with 4"):  # no state: the 6 defaults
+        train.main([*common, "--resume", str(tiny_pipeline_dir), "--out", str(tmp_path / "c")])
 
 
 def test_lr_scaling_with_the_batch_and_warm_up_in_crops():
