@@ -103,7 +103,9 @@ def test_integer_hyper_synthesis_matches_the_float_one():
     with torch.no_grad():
         ref_sigma, ref_mu = h_s(z.float()).chunk(2, dim=1)
     assert sigma.dtype == mu.dtype == torch.int64
-    assert (to_float(sigma) - ref_sigma).abs().max() < 2e-3 and (to_float(mu) - ref_mu).abs().max() < 2e-3
+    for exact, ref in ((sigma, ref_sigma), (mu, ref_mu)):  # far below ŷ's unit quantisation bin
+        error = (to_float(exact) - ref).abs()
+        assert error.max() < 1e-2 and error.mean() < 2e-4
 
 
 def test_exported_files_verify_elsewhere_against_the_hashes_from_where_they_were_written(golden_pipeline, tmp_path):
