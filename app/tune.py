@@ -1,12 +1,14 @@
 """Decode settings chosen by measurement: steps K, initial-noise scale γ, scheduler and timestep spacing.
 
     python -m app.tune --data ../shared/datasets/val [--out results/tune.json] [--apply]
+    python -m app.tune --rows-from results/tune.json [--out ...] [--apply]   # choose again, no decoding
 
 Every validation photo (never Kodak) is centre-cropped to ``--crop``², compressed to a real ``.cdc``
 file at each level, and decoded with every setting of the grid at every ρ, with the same noise
 seed for all settings. Per ρ the best setting is the one with the highest PSNR (ρ < 0.5) or the
 lowest LPIPS (ρ ≥ 0.5), averaged over images and levels, among settings no slower than the first
-checkpoint's default (``--max-steps``, 4: time is proportional to K). The default sweep (12 crops,
+checkpoint's default (``--max-steps``, 4: time is proportional to K); within ``NEAR`` (0.02 dB or
+0.002 LPIPS) of the best, the setting with the fewest steps wins, since decode time is ∝ K. The default sweep (12 crops,
 2 levels, 5 ρ, 60 settings) takes about 30 minutes on a 2-core CPU and a few minutes on a GPU.
 
 The scheduler and spacing are one choice for all ρ (a checkpoint holds one scheduler): the family
@@ -32,6 +34,7 @@ DEFAULT_RHOS = (0.0, 0.3, 0.6, 0.9, 1.0)
 DEFAULT_STEPS = (1, 2, 3, 4, 6, 8)
 DEFAULT_NOISE_SCALES = (0.0, 0.5, 0.8, 1.0)
 PSNR_BELOW_RHO = 0.5  # ρ below this is tuned for PSNR, from it on for LPIPS
+NEAR = {"psnr": 0.02, "lpips": 0.002}  # closer to the best than this is not worth another decode step
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,10 @@ def _score(row: dict) -> float:
     return row["psnr"] if row["rho"] < PSNR_BELOW_RHO else -row["lpips"]
 
 
+def _near(rho: float) -> float:
+    return NEAR["psnr"] if rho < PSNR_BELOW_RHO else NEAR["lpips"]
+
+
 def choose(summary: list[dict], max_steps: int, current_family: tuple[str, str]) -> dict:
     """The scheduler family and per-ρ (K, γ): see the module docstring."""
     allowed = [r for r in summary if r["steps"] <= max_steps]
@@ -142,10 +149,11 @@ def choose(summary: list[dict], max_steps: int, current_family: tuple[str, str])
 
     def best(family, rho):
         rows = [r for r in allowed if r["rho"] == rho and Setting(**_setting_fields(r)).in_family(*family)]
-        return max(rows, key=_score)
+        top = max(map(_score, rows))
+        return min((r for r in rows if _score(r) >= top - _near(rho)), key=lambda r: (r["steps"], -_score(r)))
 
     overall = {rho: max(_score(r) for r in allowed if r["rho"] == rho) for rho in rhos}
-    wins = {f: sum(_score(best(f, rho)) == overall[rho] for rho in rhos) for f in families}
+    wins = {f: sum(_score(best(f, rho)) >= overall[rho] - _near(rho) for rho in rhos) for f in families}
     top = max(wins.values())
     family = current_family if wins.get(current_family) == top else next(f for f in families if wins[f] == top)
     picks = [best(family, rho) for rho in rhos]
@@ -197,10 +205,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     from app.pipeline import SCHEDULERS, TIMESTEP_SPACINGS, UNTUNED_DECODE
 
     p = argparse.ArgumentParser(prog="python -m app.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="validation photos (never Kodak)")
+    p.add_argument("--data", type=Path, help="validation photos (never Kodak)")
     p.add_argument("--checkpoint", type=Path, help="pipeline folder (default: checkpoints/cdc)")
     p.add_argument("--out", type=Path, help="JSON file for every measurement and the choice")
     p.add_argument("--apply", action="store_true", help="write the chosen defaults into the checkpoint")
+    p.add_argument("--rows-from", type=Path,
+                   help="instead of --data: choose again from the measurements in an --out JSON of this checkpoint")
     p.add_argument("--limit", type=int, default=12, help="use the first N photos (default 12)")
     p.add_argument("--crop", type=int, default=256, help="centre crop side in pixels, a multiple of 64")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4])
@@ -219,6 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--limit must be ≥ 1 and --crop a positive multiple of 64")
     if any(k < 1 for k in args.steps) or args.max_steps < 1:
         p.error("--steps and --max-steps must be ≥ 1")
+    if not (args.data or args.rows_from):
+        p.error("give --data (measure) or --rows-from (choose again)")
     if not min(args.steps) <= args.max_steps:
         p.error("no setting in --steps is within --max-steps")
     if any(not 0 <= g <= 1 for g in args.noise_scales):
@@ -237,26 +249,30 @@ def main(argv=None) -> dict:
         pipe = load_pipeline(checkpoint, device=args.device)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    bad = [lv for lv in args.levels if not 0 <= lv < pipe.num_quality_levels]
-    if bad:
-        raise SystemExit(f"error: levels {bad} out of range 0..{pipe.num_quality_levels - 1}")
-    crops = centre_crops(image_files(args.data)[: args.limit], args.crop)
-    if not crops:
-        raise SystemExit(f"error: no image of at least {args.crop} px in {args.data}")
-    pipe.set_progress_bar_config(disable=True)
     current = (scheduler_name(pipe.scheduler), pipe.scheduler.config.timestep_spacing)
-    settings = grid(args.steps, args.noise_scales, args.schedulers, args.spacings, args.max_steps)
-    _log(f"{len(settings)} settings × {len(args.rhos)} ρ × {len(args.levels)} levels on {len(crops)} crops")
-
     t0 = time.perf_counter()
-    rows = measure(pipe, crops, args.levels, args.rhos, settings, args.seed)
+    if args.rows_from:  # the same measurements, e.g. after a change of the choice rule
+        saved = json.loads(args.rows_from.read_text())
+        if saved["config"]["model_id"] != pipe.model_id.hex():
+            raise SystemExit(f"error: {args.rows_from} measured model {saved['config']['model_id']}, not this checkpoint")
+        config, rows, elapsed = saved["config"], saved["rows"], saved["elapsed_s"]
+    else:
+        bad = [lv for lv in args.levels if not 0 <= lv < pipe.num_quality_levels]
+        if bad:
+            raise SystemExit(f"error: levels {bad} out of range 0..{pipe.num_quality_levels - 1}")
+        crops = centre_crops(image_files(args.data)[: args.limit], args.crop)
+        if not crops:
+            raise SystemExit(f"error: no image of at least {args.crop} px in {args.data}")
+        pipe.set_progress_bar_config(disable=True)
+        settings = grid(args.steps, args.noise_scales, args.schedulers, args.spacings, args.max_steps)
+        _log(f"{len(settings)} settings × {len(args.rhos)} ρ × {len(args.levels)} levels on {len(crops)} crops")
+        rows = measure(pipe, crops, args.levels, args.rhos, settings, args.seed)
+        config = ({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+                  | {"checkpoint": str(checkpoint), "model_id": pipe.model_id.hex(), "images": list(crops)})
+        elapsed = time.perf_counter() - t0
     summary = summarise(rows)
     choice = choose(summary, args.max_steps, current)
-    result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        | {"checkpoint": str(checkpoint), "model_id": pipe.model_id.hex(), "images": list(crops)},
-        "rows": rows, "summary": summary, "choice": choice, "elapsed_s": time.perf_counter() - t0,
-    }
+    result = {"config": config, "rows": rows, "summary": summary, "choice": choice, "elapsed_s": elapsed}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

@@ -39,6 +39,14 @@ def test_choose_respects_the_step_budget_and_the_metric_per_rho():
     assert "| ddim | trailing | 8 | 0.8 | 30.00 |" in table and table.count("**picked**") == 2
 
 
+def test_fewer_steps_win_when_the_metric_is_within_reach():
+    summary = [row("any", "trailing", 1, 0.0, 0.0, 24.111, 0.34), row("ddim", "trailing", 3, 0.0, 0.0, 24.114, 0.335),
+               row("ddim", "trailing", 4, 0.0, 0.3, 23.59, 0.22), row("ddim", "trailing", 3, 0.0, 0.3, 23.54, 0.22),
+               row("any", "trailing", 1, 0.5, 0.9, 23.0, 0.2015), row("ddim", "trailing", 2, 0.5, 0.9, 23.1, 0.2000)]
+    steps = [d["num_inference_steps"] for d in tune.choose(summary, 4, ("ddim", "trailing"))["decode_defaults"]]
+    assert steps == [1, 4, 1]  # 0.003 dB is not worth 3 steps; 0.05 dB is worth one more
+
+
 def test_ties_keep_the_current_family():
     summary = [row("any", "trailing", 1, 0.0, 0.0, 25.0, 0.3), row("ddim", "linspace", 2, 0.0, 0.0, 20.0, 0.3),
                row("ddim", "trailing", 2, 0.0, 0.0, 20.0, 0.3)]
@@ -71,6 +79,12 @@ def test_tune_end_to_end_applies_the_choice(tiny_pipeline, tmp_path, val_images,
     assert loaded.config.decode_defaults == result["choice"]["decode_defaults"]
     assert all(d["num_inference_steps"] <= 4 for d in loaded.config.decode_defaults)
     assert "_name_or_path" not in json.loads((ckpt / "model_index.json").read_text())
+    again = tune.main(["--checkpoint", str(ckpt), "--rows-from", str(out)])
+    assert again["rows"] == result["rows"] and again["choice"] == result["choice"]  # chosen again, not measured
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(out.read_text()) | {"config": {"model_id": "0" * 16}}))
+    with pytest.raises(SystemExit, match="not this checkpoint"):
+        tune.main(["--checkpoint", str(ckpt), "--rows-from", str(other)])
 
 
 def test_tune_rejects_bad_arguments(tmp_path):
@@ -79,3 +93,5 @@ def test_tune_rejects_bad_arguments(tmp_path):
             tune.main(["--data", str(tmp_path), *bad])
     with pytest.raises(SystemExit):
         tune.main(["--data", str(tmp_path), "--schedulers", "euler"])
+    with pytest.raises(SystemExit):
+        tune.main([])  # neither --data nor --rows-from
