@@ -24,7 +24,6 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -207,9 +206,8 @@ def train_throughput(args) -> dict:
 
     pipe, weights = load(args.checkpoint, "cpu")
     pipe = pipe.to(torch.float32)
-    state_file = Path(args.checkpoint or DEFAULT_CHECKPOINT) / "training_state.json"
-    lambdas = json.loads(state_file.read_text())["lambdas"] if state_file.is_file() else None
-    lambdas = lambdas or train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
+    lambdas = train.prior_state(args.checkpoint or DEFAULT_CHECKPOINT).get("lambdas") or \
+        train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
     targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
                               "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas), *train.speed_flags(args)])
     trainer = train.Trainer(pipe, targs)

@@ -194,6 +194,12 @@ def lr_schedule(args, processes: int = 1) -> tuple[float, int]:
     return peak, max(1, math.ceil(args.warmup_crops / batch) if args.warmup_crops else args.warmup_steps)
 
 
+def prior_state(folder) -> dict:
+    """A pipeline folder's ``training_state.json`` (totals, runs, λ set); {} if it has none."""
+    path = Path(folder) / "training_state.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
 def build_pipeline(args) -> CDCPipeline:
     if args.resume:
         pipe = load_pipeline(args.resume)
@@ -413,8 +419,7 @@ def main(argv=None) -> None:
     budget = args.max_minutes * 60
     torch.manual_seed(args.seed)
 
-    prior_file = args.resume / "training_state.json" if args.resume else None
-    prior = json.loads(prior_file.read_text()) if prior_file and prior_file.exists() else {}
+    prior = prior_state(args.resume)
     args.lambdas = args.lambdas or prior.get("lambdas") or list(DEFAULT_LAMBDAS)
     pipe = build_pipeline(args)
     if pipe.num_quality_levels != len(args.lambdas):

@@ -59,7 +59,7 @@ def worker(manifest: Path, threads: int | None, mkldnn: bool, device: str = "cpu
 
 
 def run_settings(manifest: Path, settings: dict = SETTINGS, script: Path = Path(__file__)) -> dict:
-    """{setting: {file: latent_sha256}}, one subprocess per setting (two at a time)."""
+    """{setting: {file: latent_sha256}}, one subprocess per setting (as many at a time as cores, at least two)."""
 
     def one(item):
         env_extra, flags = item
@@ -70,7 +70,7 @@ def run_settings(manifest: Path, settings: dict = SETTINGS, script: Path = Path(
             raise RuntimeError(f"worker failed ({env_extra} {flags}): {r.stderr.strip().splitlines()[-1:]}")
         return json.loads(r.stdout)
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         return dict(zip(settings, pool.map(one, settings.values())))
 
 
