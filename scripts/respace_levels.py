@@ -1,0 +1,114 @@
+"""Move a checkpoint's Q quality levels to new rates along its continuous-rate curve.
+
+The gain vectors (Cui et al. 2021) make the rate a smooth function of the quality q: log2 gain is
+linear in q between levels and, past the ends, along the end segments. This script finds, on --data
+(never Kodak), the q whose mean rate is each target (Q rates evenly spaced in log between --bpp LOW
+HIGH), writes the gain and inverse-gain vectors at those q as the new levels, and gives each level the
+rate weight λ that the old levels' (λ, rate) pairs interpolate log-log at its rate (end slopes
+extrapolated), so that training resumed from the result (``python -m app.train --resume OUT``) keeps
+the levels where they are. Rates are the hyperprior's likelihoods (Eq. 7's rate term) of whole images
+cropped to multiples of 64; files add a header of a few bytes.
+
+    python scripts/respace_levels.py --checkpoint checkpoints/cdc --data ../shared/datasets/val \
+        --bpp 0.05 0.6 --out runs/respaced
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.images import image_files, load_image  # noqa: E402
+from app.pipeline import CDCPipeline, load_pipeline  # noqa: E402
+from app.train import prior_state  # noqa: E402
+
+
+@torch.no_grad()
+def mean_bpp(compressor, images: list[torch.Tensor], quality: float) -> float:
+    """Σ bits / Σ pixels over ``images`` at ``quality`` (any real number: the gains extrapolate)."""
+    bits = pixels = 0.0
+    for x in images:
+        out = compressor(x, torch.tensor([float(quality)]))
+        bits += sum(-torch.log2(lk).sum().item() for lk in out.likelihoods.values())
+        pixels += x.shape[-2] * x.shape[-1]
+    return bits / pixels
+
+
+def quality_at(compressor, images, bpp: float, top: int, tol: float = 1e-3) -> float:
+    """Bisection for the q of rate ``bpp`` (the rate grows with q), bracketed from the trained range
+    [0, top] outwards a level at a time, at most ``top`` levels past either end."""
+    low, high = 0, top
+    while mean_bpp(compressor, images, low) > bpp and low > -top:
+        low -= 1
+    while mean_bpp(compressor, images, high) < bpp and high < 2 * top:
+        high += 1
+    if not mean_bpp(compressor, images, low) <= bpp <= mean_bpp(compressor, images, high):
+        raise SystemExit(f"error: {bpp} bpp lies outside the rates of q ∈ [{low}, {high}]")
+    while high - low > tol:
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean_bpp(compressor, images, mid) < bpp else (low, mid)
+    return round((low + high) / 2, 3)
+
+
+def interpolate_lambdas(rates, lambdas, targets) -> list[float]:
+    """λ at ``targets`` from (rate, λ) pairs, piecewise linear in log-log, end slopes extrapolated."""
+    lr, ll, lt = np.log(rates), np.log(lambdas), np.log(targets)
+    i = np.clip(np.searchsorted(lr, lt) - 1, 0, len(lr) - 2)
+    slope = (ll[i + 1] - ll[i]) / (lr[i + 1] - lr[i])
+    return [float(f"{v:.3g}") for v in np.exp(ll[i] + slope * (lt - lr[i]))]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="checkpoints/cdc")
+    p.add_argument("--data", type=Path, required=True, help="images to measure rates on (never Kodak)")
+    p.add_argument("--bpp", type=float, nargs=2, required=True, metavar=("LOW", "HIGH"))
+    p.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
+    args = p.parse_args(argv)
+
+    pipe = load_pipeline(args.checkpoint)
+    compressor = pipe.compressor.float().eval()
+    top = pipe.num_quality_levels - 1
+    images = []
+    for path in image_files(args.data):
+        x = TF.to_tensor(load_image(path))[None] * 2 - 1
+        images.append(x[..., : x.shape[-2] // 64 * 64, : x.shape[-1] // 64 * 64])
+
+    old_rates = [mean_bpp(compressor, images, q) for q in range(top + 1)]
+    if any(a >= b for a, b in zip(old_rates, old_rates[1:])):
+        raise SystemExit(f"error: the rates of {args.checkpoint}'s levels do not grow with the level: {old_rates}")
+    old_lambdas = prior_state(args.checkpoint).get("lambdas")
+    if not old_lambdas or len(old_lambdas) != top + 1:
+        raise SystemExit(f"error: {args.checkpoint}/training_state.json has no λ per level")
+    targets = np.geomspace(*args.bpp, top + 1).tolist()
+    qualities = [quality_at(compressor, images, b, top) for b in targets]
+    q = torch.tensor(qualities)
+    new = copy.deepcopy(compressor)
+    new.log2_gain.data = torch.log2(compressor.gain(q))[:, :, 0, 0]
+    new.log2_inverse_gain.data = torch.log2(compressor.gain(q, inverse=True))[:, :, 0, 0]
+    unet = copy.deepcopy(pipe.unet)
+    for prm in [*new.parameters(), *unet.parameters()]:
+        prm.data = prm.data.to(torch.float16)  # as training saves them
+    lambdas = interpolate_lambdas(old_rates, old_lambdas, targets)
+
+    CDCPipeline(new, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
+        args.out, max_shard_size="9MB")
+    state = prior_state(args.checkpoint)
+    state["lambdas"] = lambdas
+    state["runs"] = state.get("runs", []) + [{
+        "steps": 0, "crops": 0, "minutes": 0, "respaced": {
+            "from": str(args.checkpoint), "data": args.data.name, "old_bpp": [round(r, 4) for r in old_rates],
+            "old_lambdas": old_lambdas, "quality": qualities, "bpp": [round(b, 4) for b in targets]}}]
+    (args.out / "training_state.json").write_text(json.dumps(state, indent=2))
+    for i, (qi, b, lam) in enumerate(zip(qualities, targets, lambdas)):
+        print(f"level {i}: old q {qi:6.3f}  {b:.4f} bpp on {args.data.name}  λ {lam:g}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
