@@ -14,9 +14,8 @@
 #     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl (and tune.json with TUNE=1); everything the
 #     round prints (the throughput lines first) also comes back whole as $OUT/round.log.
 # Environment, with defaults:
-#   LAMBDAS="0.75 0.29 0.069 0.0096 0.0012 0.00016"  the issue's 0.05–0.6 bpp on Kodak, 6 rates evenly spaced
-#       in log, fitted piecewise log-log on the Kodak levels of the checkpoint trained with 3.6 … 0.0042
-#       (0.017–0.271 bpp), extrapolating the last slope above 0.271 bpp
+#   LAMBDAS=""  rate weights per level; empty: the resumed checkpoint's set (training_state.json), which
+#       scripts/respace_levels.py matched to its levels' rates (0.05–0.6 bpp)
 #   CONFIGS="32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last"  "BATCH [FLAGS]; ...";
 #       with --compile the compile time shows in train_warmup_s, and training pays it again
 #   SAFE="32"  BATCH [FLAGS] of the fallback      DEADLINE=570  seconds after the start, for a 600 s call
@@ -25,7 +24,7 @@ set -uo pipefail
 minutes=$1; shift
 exec > >(tee "${OUT:?the device call sets OUT}/round.log") 2>&1  # the call's reply keeps only the tail
 t0=$SECONDS
-lambdas=${LAMBDAS:-0.75 0.29 0.069 0.0096 0.0012 0.00016}
+lambdas=${LAMBDAS:-}
 configs=${CONFIGS:-32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last}
 safe=${SAFE:-32}
 deadline=${DEADLINE:-570} device=${DEVICE:-cuda} tune=${TUNE:-0} bench_timeout=${BENCH_TIMEOUT:-60}
@@ -67,7 +66,7 @@ best=${best:-$safe}
 train() {  # SECONDS BATCH [FLAGS...] [app.train args...]
   local seconds=$1 batch=$2; shift 2
   timeout $((seconds + 120)) python3 -m app.train --data .data/train --val .data/val --val-count 2 --out "$work/cdc" \
-    --device "$device" --crop 256 --val-every-minutes 4 --save-every-minutes 3 --lambdas $lambdas \
+    --device "$device" --crop 256 --val-every-minutes 4 --save-every-minutes 3 ${lambdas:+--lambdas $lambdas} \
     --max-minutes "$(awk -v s="$seconds" 'BEGIN { print s / 60 }')" --batch-size "$batch" \
     --lr-scaling sqrt --warmup-crops 9600 "$@" 2>&1 | grep -v -i warn
   return "${PIPESTATUS[0]}"
@@ -77,7 +76,7 @@ seconds=$(( deadline - (SECONDS - t0) - reserve ))
 wanted=$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 }')
 seconds=$(( seconds < wanted ? seconds : wanted ))
 if [ "$seconds" -lt 60 ]; then echo "error: $seconds s left to train before the ${deadline} s deadline"; exit 1; fi
-echo "training $seconds s with: batch $best (λ = $lambdas); $(( SECONDS - t0 )) s since the start"
+echo "training $seconds s with: batch $best (λ = ${lambdas:-from the checkpoint}); $(( SECONDS - t0 )) s since the start"
 start=$SECONDS
 train "$seconds" $best "$@"
 status=$?
