@@ -9,9 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torchvision.transforms.functional as TF
 
-from app.pipeline import load_pipeline
+from app.pipeline import image_to_tensor, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +49,7 @@ def test_respaced_levels_land_on_the_target_rates(respace, tiny_pipeline, tmp_pa
         PIL.Image.fromarray(img).resize((128, 128), PIL.Image.BICUBIC).save(data / f"{i}.png")
 
     old = load_pipeline(ckpt).compressor.float().eval()
-    images = [TF.to_tensor(PIL.Image.open(p))[None] * 2 - 1 for p in sorted(data.iterdir())]
+    images = [image_to_tensor(PIL.Image.open(p).convert("RGB")) for p in sorted(data.iterdir())]
     low, high = respace.mean_bpp(old, images, 0.5), respace.mean_bpp(old, images, 4.0)  # 4.0: past the top level
     out = tmp_path / "respaced"
     respace.main(["--checkpoint", str(ckpt), "--data", str(data), "--bpp", str(low), str(high), "--out", str(out)])
