@@ -12,10 +12,7 @@
 # Everything printed also comes back as $OUT/check.log.
 set -uo pipefail
 exec > >(tee "${OUT:?the device call sets OUT}/check.log") 2>&1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/.site
-fi
+source scripts/device_site.sh
 status=0
 echo "files written on the development CPU, decoded here:"
 python3 scripts/portability_check.py --verify .port/here --json "$OUT/here.json" 2>&1 | grep -v -i warn || status=1

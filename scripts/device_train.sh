@@ -28,10 +28,7 @@ lambdas=${LAMBDAS:-}
 configs=${CONFIGS:-32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last}
 safe=${SAFE:-32}
 deadline=${DEADLINE:-570} device=${DEVICE:-cuda} tune=${TUNE:-0} bench_timeout=${BENCH_TIMEOUT:-60}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/.site
-fi
+source scripts/device_site.sh
 export PYTHONUNBUFFERED=1
 python3 -c "import app.train, app.bench" || {
   echo "error: app.train does not import; build .whl with: bash ../shared/device/wheels.sh accelerate==1.15.0 psutil"; exit 1; }
