@@ -334,12 +334,18 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
     main, aux = split_parameters(compressor, unet)
     ema.copy_to(main + aux)
     compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
-    for p in main + aux:
+    write_checkpoint(compressor, unet, pipe, out, state)
+
+
+def write_checkpoint(compressor, unet, pipe: CDCPipeline, out: Path, state: dict) -> None:
+    """``compressor`` and ``unet`` (converted in place) with ``pipe``'s scheduler and decode defaults as a
+    pipeline folder in 9 MB shards, parameters in fp16, buffers as they are; then ``training_state.json``."""
+    for p in [*compressor.parameters(), *unet.parameters()]:
         p.data = p.data.to(torch.float16, memory_format=torch.contiguous_format)  # safetensors wants contiguous
     CDCPipeline(compressor, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
         out, max_shard_size="9MB"
     )
-    (out / "training_state.json").write_text(json.dumps(state, indent=2))
+    (Path(out) / "training_state.json").write_text(json.dumps(state, indent=2))
 
 
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:

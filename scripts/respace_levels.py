@@ -15,7 +15,6 @@ cropped to multiples of 64; files add a header of a few bytes.
 import argparse
 import copy
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -26,8 +25,8 @@ from scipy.optimize import brentq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.images import image_files, load_image  # noqa: E402
-from app.pipeline import CDCPipeline, image_to_tensor, load_pipeline  # noqa: E402
-from app.train import prior_state  # noqa: E402
+from app.pipeline import image_to_tensor, load_pipeline  # noqa: E402
+from app.train import prior_state, write_checkpoint  # noqa: E402
 
 
 @torch.no_grad()
@@ -88,19 +87,14 @@ def main(argv=None) -> None:
     new = copy.deepcopy(compressor)
     new.log2_gain.data = torch.log2(compressor.gain(q))[:, :, 0, 0]
     new.log2_inverse_gain.data = torch.log2(compressor.gain(q, inverse=True))[:, :, 0, 0]
-    unet = copy.deepcopy(pipe.unet)
-    for prm in [*new.parameters(), *unet.parameters()]:
-        prm.data = prm.data.to(torch.float16)  # as training saves them
     lambdas = interpolate_lambdas(old_rates, old_lambdas, targets)
 
-    CDCPipeline(new, unet, pipe.scheduler, pipe.config.decode_defaults).save_pretrained(
-        args.out, max_shard_size="9MB")
     state["lambdas"] = lambdas
     state["runs"] = state.get("runs", []) + [{
         "steps": 0, "crops": 0, "minutes": 0, "respaced": {
             "from": str(args.checkpoint), "data": args.data.name, "old_bpp": [round(r, 4) for r in old_rates],
             "old_lambdas": old_lambdas, "quality": qualities, "bpp": [round(b, 4) for b in targets]}}]
-    (args.out / "training_state.json").write_text(json.dumps(state, indent=2))
+    write_checkpoint(new, copy.deepcopy(pipe.unet), pipe, args.out, state)  # as training saves them
     for i, (qi, b, lam) in enumerate(zip(qualities, targets, lambdas)):
         print(f"level {i}: old q {qi:6.3f}  {b:.4f} bpp on {args.data.name}  λ {lam:g}")
     print(f"wrote {args.out}")
