@@ -16,6 +16,9 @@ latent-variable models" (ICLR 2019), the decoder-side path is computed in fixed 
   ŷ = symbol + μ is exact in fixed point (the float ŷ is ŷ_fx · 2^-12).
 * :class:`CodingTables` holds the range coder's integer CDFs and z's medians, stored with the
   checkpoint; only ``CDCCompressor.update()`` (after training) computes them, with float math.
+
+Strings from a file are untrusted, and compressai's rANS decoder (C++) checks no bounds; see
+:meth:`CodingTables.decode` for how it is kept inside its buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from bisect import bisect_right
 from itertools import accumulate
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,8 @@ WEIGHT_BITS = 14  # |integer weight| < 2^14
 SLOPE = 655 / 2**16  # LeakyReLU(0.01) on the negative side (exact in float64)
 CLAMP = float(1 << 24)  # inputs and activations are clamped to ±2^24 (a bound for the exactness proof)
 _EXACT = 1 << 53  # integers below this are exact in float64
+RANS_L = 1 << 31  # compressai's rans64: the decoder's state is renormalised to at least this
+_PRECISION = 16  # compressai's CDFs sum to 2^16
 
 
 class _IntegerConv:
@@ -157,9 +165,27 @@ class CodingTables(nn.Module):
         )
 
     def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
-        """The int64 symbols of ``string`` for CDF ``indexes`` (same shape)."""
-        values = ans.RansDecoder().decode_with_indexes(string, indexes.reshape(-1).int().tolist(), *self._coder_args(prefix))
-        return torch.tensor(values, dtype=torch.int64).reshape(indexes.shape)
+        """The int64 symbols of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
+        cannot be one this coder wrote.
+
+        compressai's decoder reads one 32-bit word at most per symbol, except in the escape that codes a value
+        outside the table, whose reads only the data bound. It runs here with the escape unreachable (each CDF
+        gains a last symbol of zero width) on the string padded with zero words to 2 + N words (N symbols): it
+        stays inside that buffer whatever the bytes, and agrees with the real decoding up to the first escape.
+        Only a string that meets one (a value outside the table) is decoded again, by :func:`decode_checked`.
+        """
+        if len(string) % 4 or len(string) < 8:
+            raise ValueError(f"a rANS string is whole 32-bit words, at least two ({len(string)} bytes)")
+        flat = indexes.reshape(-1).long()
+        cdfs, lengths, offsets = self._coder_args(prefix)
+        padded = bytes(string) + bytes(max(0, 4 * (2 + len(flat)) - len(string)))
+        values = ans.RansDecoder().decode_with_indexes(
+            padded, flat.int().tolist(), [c + [1 << _PRECISION] for c in cdfs], [n + 1 for n in lengths], offsets)
+        symbols = torch.from_numpy(np.array(values, dtype=np.int64))
+        length, offset = (getattr(self, f"{prefix}_{name}").long() for name in ("cdf_length", "offset"))
+        if bool((symbols - offset[flat] == length[flat] - 2).any()):
+            symbols = torch.from_numpy(np.array(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=np.int64))
+        return symbols.reshape(indexes.shape)
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
         """Index of σ in the scale table, by integer comparison: #{bounds < σ} (compressai's rule)."""
@@ -167,3 +193,46 @@ class CodingTables(nn.Module):
 
     def z_median_fx(self) -> torch.Tensor:
         return self.z_median.long().view(1, -1, 1, 1)
+
+
+def decode_checked(string: bytes, indexes: list, cdfs: list, lengths: list, offsets: list) -> list:
+    """compressai's rANS decoding (``RansDecoder.decode_with_indexes``) in Python, every read bounds-checked:
+    the same symbols for any string compressai writes; ``ValueError`` for one that ends before its last symbol
+    or escapes with more than the 8 nibbles of a 32-bit value."""
+    words = np.frombuffer(string, dtype="<u4").tolist()
+    if len(words) < 2:
+        raise ValueError("a rANS string needs at least two words")
+    x, p = words[0] | words[1] << 32, 2
+    tables = [(cdf, n - 2, offset) for cdf, n, offset in zip(cdfs, lengths, offsets)]
+    out = []
+    try:
+        for c in indexes:
+            cdf, escape, offset = tables[c]
+            cum = x & 0xFFFF
+            s = bisect_right(cdf, cum) - 1
+            start = cdf[s]
+            x = (cdf[s + 1] - start) * (x >> _PRECISION) + cum - start
+            if x < RANS_L:
+                x = x << 32 | words[p]
+                p += 1
+            if s == escape:  # a 4-bit count, then the value's nibbles, its sign in the lowest bit
+                count, x, p = _nibble(x, p, words)
+                if count > 8:
+                    raise ValueError("corrupt rANS string (escape longer than 32 bits)")
+                raw = 0
+                for j in range(count):
+                    nibble, x, p = _nibble(x, p, words)
+                    raw |= nibble << 4 * j
+                s = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + s
+            out.append(s + offset)
+    except IndexError:
+        raise ValueError("corrupt rANS string (it ends before its last symbol)") from None
+    return out
+
+
+def _nibble(x: int, p: int, words: list) -> tuple[int, int, int]:
+    """compressai's ``Rans64DecGetBits`` for 4 bits: (bits, state, read position)."""
+    x, bits = x >> 4, x & 15
+    if x < RANS_L:
+        x, p = x << 32 | words[p], p + 1
+    return bits, x, p
