@@ -201,18 +201,18 @@ def _size(text: str) -> tuple[int, int]:
 
 def train_throughput(args) -> dict:
     """Crops/s, steps/s and peak memory of the training step, after ``--train-warmup`` untimed steps."""
-    from app import train
+    from app import train, train_data
     from app.pipeline import DEFAULT_CHECKPOINT
 
     pipe, weights = load(args.checkpoint, "cpu")
     pipe = pipe.to(torch.float32)
-    lambdas = train.prior_state(args.checkpoint or DEFAULT_CHECKPOINT).get("lambdas") or \
+    lambdas = train.prior_lambdas(train.prior_state(args.checkpoint or DEFAULT_CHECKPOINT)) or \
         train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
     targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
                               "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas), *train.speed_flags(args)])
     trainer = train.Trainer(pipe, targs)
     device = trainer.device
-    sampler = train.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
+    sampler = train_data.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
 
     def step():
         trainer.step(sampler.batch(targs.batch_size), targs.lr)

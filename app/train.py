@@ -1,144 +1,66 @@
-"""Train CDC end to end (Yang & Mandt 2023, Eq. 7), on a time budget.
+"""Train CDC in stages (Yang & Mandt 2023, Eq. 7, split as :mod:`app.objectives` describes), on a time budget.
 
-Per sample, with a quality level q (rate weight λ_q) and a perceptual weight ρ drawn at random:
+    --stage compressor   g_a, hyperprior, content decoder: bpp + λ_q·255²·MSE(x_base, x); the UNet is idle
+    --stage denoiser     the UNet, compressor frozen: (1 − ρ)·w(t)·‖x̂0 − x‖² + ρ·LPIPS(x̂0, x)
+    --stage joint        everything: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4)
 
-    L = λ_q · bpp + (1 − ρ) · w(t) · ‖x̂0 − x0‖² + ρ · LPIPS(x̂0, x0) + ‖x_base − x0‖²
-
-x̂0 is the one-step x0 prediction at a drawn t, w(t) = clip(SNR_t, 1, 5) (min-SNR weighting
-floored at 1, so the high-noise steps that few-step decoding starts from count), and the last term
-trains the content decoder's deterministic base image directly (fast convergence). t is drawn where
-decoding goes (:func:`sample_timesteps`): a share ``--grid-share`` of each batch on the timesteps of
-the K-step trailing schedules, K = 1…4, the rest uniform.
-compressai's auxiliary loss trains the entropy bottleneck's quantiles. Adam with warm-up and a
-cosine decay over the time budget, EMA weights (what is saved), gradient clipping, bf16 autocast
-on CUDA, fp32 likelihoods.
+Per sample a quality level q (λ_q, compressai's convention), a perceptual weight ρ and a timestep t are
+drawn. x̂0 is the one-step x0 prediction at t, w(t) = clip(SNR_t, 1, 5) (min-SNR weighting floored at 1,
+so the high-noise steps that few-step decoding starts from count). t is drawn where decoding goes
+(:func:`sample_timesteps`): a share ``--grid-share`` of each batch on the timesteps of the K-step
+trailing schedules, K = 1…4, the rest uniform. compressai's auxiliary loss trains the entropy
+bottleneck's quantiles. Adam with warm-up and a cosine decay over the time budget, EMA weights (what
+is exported), gradient clipping, bf16 autocast on CUDA, fp32 likelihoods. The run's full state
+(fp32 weights, Adam, EMA, generators, step) is kept outside git (``--state``) and continued when the
+same stage runs again; the pipeline folder (``--out``, fp16) is the export, and the fallback
+(``--resume``) where no state is there. During training ``app.diagnose``'s numbers are logged.
 
 For GPU throughput a step never waits for the device (crops cut on the device, noise drawn there,
 the few per-crop draws sent asynchronously) and LPIPS runs only on the crops with ρ > 0. Optional,
 off by default: ``--fused-adam``, ``--channels-last``, ``--compile``, and larger batches with
 ``--lr-scaling sqrt --warmup-crops 9600`` (the recipe's LR and warm-up at batch 32, √-scaled LR above).
 
-    python -m app.train --data ../shared/datasets/train --out runs/cdc --max-minutes 60
+    python -m app.train --stage compressor --data ../shared/datasets/train --resume checkpoints/cdc \
+        --base-channels 48 24 --crop 128 --batch-size 16 --out runs/a --max-minutes 60
+    python -m app.train --stage denoiser --data ../shared/datasets/train --resume runs/a --out runs/b --crop 128
     python -m app.train --pack-to .data/train --data ../shared/datasets/train   # native-resolution tiles for the GPU machine
     python -m app.train --data .data/train --resume checkpoints/cdc --batch-size 128 --lr-scaling sqrt --warmup-crops 9600 \
         --fused-adam --channels-last   # the GPU round's fast configuration (scripts/device_train.sh)
 """
-
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
-import random
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast
 from diffusers.training_utils import EMAModel
-from PIL import Image
 
-from .bitstream import bits_per_pixel
+from . import diagnose
 from .images import image_files, load_image
-from .metrics import load_lpips, psnr
+from .metrics import load_lpips
 from .models import CDCCompressor, CDCUNet
+from .objectives import DenoiserLoss, JointLoss, RateDistortionLoss, mse01, old_to_compressai_lambdas
 from .pipeline import CDCPipeline, load_pipeline, make_scheduler
+from .train_data import CropSampler, image_files_in, pack, to_device
 
-DEFAULT_LAMBDAS = (0.2, 0.1, 0.05, 0.025, 0.0125, 0.006)
+# compressai's convention (λ·255²·MSE + bpp, images in [0, 1]), geometric for about 0.05–0.6 bpp
+DEFAULT_LAMBDAS = (0.0006, 0.0012, 0.0024, 0.0048, 0.0096, 0.0192)
+STAGES = ("compressor", "denoiser", "joint")
+GENERATORS = ("gen", "t_gen", "noise_gen")
+STATE_ROOT = Path.home() / ".cache" / "cdc-train"  # or $CDC_STATE_ROOT
 GRID_SHARE, GRID_JITTER = 0.5, 8
 RECIPE_BATCH = 32  # the batch --lr is meant for (with --lr-scaling)
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 SPEED_FLAGS = ("fused_adam", "channels_last", "compile")
-
-
-def image_files_in(folders) -> list[Path]:
-    return [p for d in folders for p in image_files(d, recursive=True)]
-
-
-def pack(folders, out: Path, tile: int, max_mb: float, quality: int, seed: int = 0) -> dict:
-    """Random ``tile``² tiles of the photos at their own resolution, as JPEG, until ``max_mb`` (for the GPU machine).
-
-    No downscaling, so the statistics stay those of the photos. Round-robin over the photos in a
-    seeded order: every photo gives one tile before any gives a second, and a photo gives at most
-    area / tile² tiles; photos smaller than a tile are stored whole."""
-    rng = random.Random(seed)
-    photos = [load_image(p) for p in image_files_in(folders)]
-    rng.shuffle(photos)
-    out.mkdir(parents=True, exist_ok=True)
-    budget, total, pixels, count = max_mb * 1e6, 0, 0, 0
-    for round_ in range(max(1, max(p.width * p.height for p in photos) // tile**2)):
-        for img in photos:
-            if round_ >= max(1, img.width * img.height // tile**2):
-                continue
-            left, top = rng.randint(0, max(0, img.width - tile)), rng.randint(0, max(0, img.height - tile))
-            piece = img.crop((left, top, min(img.width, left + tile), min(img.height, top + tile)))
-            target = out / f"{count:05d}.jpg"
-            piece.save(target, quality=quality)
-            size = target.stat().st_size
-            if total + size > budget:
-                target.unlink()
-                return _packed(out, count, pixels, total, len(photos))
-            total, pixels, count = total + size, pixels + piece.width * piece.height, count + 1
-    return _packed(out, count, pixels, total, len(photos))
-
-
-def _packed(out: Path, count: int, pixels: int, total: int, photos: int) -> dict:
-    print(f"packed {count} tiles ({pixels / 1e6:.1f} Mpx) from {photos} photos into {out} ({total / 1e6:.1f} MB)")
-    return {"tiles": count, "pixels": pixels, "bytes": total, "photos": photos}
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``: on CUDA an asynchronous copy from pinned memory (the host does not wait)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-class CropSampler:
-    """Random ``crop``² crops with horizontal flips, from RGB images held on the device as uint8.
-
-    Images of one size are stacked into one tensor and a batch is cut from each stack it draws from
-    by index_select and one gather of pixel offsets (a flip reverses the columns), no per-crop loop. The
-    crops come grouped by image size, an order without meaning. Image, position and flip are drawn
-    by a seeded CPU generator and reach the device as small index tensors, without a host sync."""
-
-    def __init__(self, images, crop: int, device, seed: int):
-        self.crop, self.device = crop, torch.device(device)
-        by_size: dict[tuple, list] = {}
-        for img in images:
-            if min(img.size) < crop:
-                scale = crop / min(img.size)
-                img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.BICUBIC)
-            by_size.setdefault(img.size, []).append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        self.stacks = [torch.stack(group).to(self.device) for group in by_size.values()]
-        self.group = torch.cat([torch.full((len(g),), k) for k, g in enumerate(by_size.values())])
-        self.local = torch.cat([torch.arange(len(g)) for g in by_size.values()])
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.group)
-
-    def batch(self, n: int) -> torch.Tensor:
-        """``n`` crops (n, 3, crop, crop) in [-1, 1]."""
-        c = self.crop
-        i = torch.randint(len(self), (n,), generator=self.gen)
-        pos = torch.rand(n, 2, generator=self.gen, dtype=torch.float64)
-        flip = torch.rand(n, generator=self.gen) < 0.5
-        span = torch.arange(c)
-        group, parts = self.group[i], []
-        for k in group.unique().tolist():
-            mask = group == k
-            stack = self.stacks[k]
-            h, w = stack.shape[2:]
-            rows = (pos[mask, :1] * (h - c + 1)).long() + span
-            cols = (pos[mask, 1:] * (w - c + 1)).long() + torch.where(flip[mask, None], span.flip(0), span)
-            pixels = (rows[:, :, None] * w + cols[:, None, :]).flatten(1)  # crop pixel → offset in the image plane
-            j, pixels = to_device(self.local[i[mask]], self.device), to_device(pixels, self.device)
-            x = stack.index_select(0, j).flatten(2).gather(2, pixels[:, None].expand(len(j), 3, c * c))
-            parts.append(x.view(len(j), 3, c, c))
-        return torch.cat(parts).float().mul_(1 / 127.5).sub_(1.0)
 
 
 def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -200,15 +122,42 @@ def prior_state(folder) -> dict:
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
+def prior_lambdas(prior: dict) -> list | None:
+    """The λ set of a training state in compressai's convention (the first checkpoints stored the old one)."""
+    if not prior.get("lambdas"):
+        return None
+    if prior.get("lambda_convention") == "compressai":
+        return list(prior["lambdas"])
+    return old_to_compressai_lambdas(prior["lambdas"])
+
+
+def default_state_dir(out: Path) -> Path:
+    """The run state's folder for ``out``: outside git, one per output folder."""
+    out = Path(out).resolve()
+    root = Path(os.environ.get("CDC_STATE_ROOT") or STATE_ROOT)
+    return root / f"{out.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
+
+
 def build_pipeline(args) -> CDCPipeline:
-    if args.resume:
-        pipe = load_pipeline(args.resume)
-        return pipe.to(torch.float32)
-    return CDCPipeline(CDCCompressor(num_quality_levels=len(args.lambdas)), CDCUNet(), make_scheduler())
+    """The pipeline to train, in fp32: ``--resume``'s (grown by ``--base-channels``) or a new one."""
+    if not args.resume:
+        compressor = CDCCompressor(num_quality_levels=len(args.lambdas), base_channels=tuple(args.base_channels or ()))
+        return CDCPipeline(compressor, CDCUNet(), make_scheduler())
+    pipe = load_pipeline(args.resume).to(torch.float32)
+    if args.base_channels and tuple(args.base_channels) != tuple(pipe.compressor.config.base_channels):
+        pipe = CDCPipeline(pipe.compressor.with_base_synthesis(args.base_channels), pipe.unet, pipe.scheduler,
+                           pipe.config.decode_defaults)
+    return pipe
 
 
 class Trainer:
-    """Eq. 7 on a pipeline's compressor and UNet: Adam, compressai's aux loss, grad clipping, EMA.
+    """One stage of the recipe on a pipeline's compressor and UNet: Adam, compressai's aux loss, grad
+    clipping, EMA, and the run's full state (:meth:`save_state` / :meth:`load_state`).
+
+    Stages (:data:`STAGES`): ``compressor`` trains g_a, the hyperprior and the content decoder on rate +
+    x_base distortion (the UNet neither runs nor trains); ``denoiser`` trains the UNet with the
+    compressor frozen (its forward under no_grad); ``joint`` trains everything. The losses are
+    :mod:`app.objectives`'.
 
     Runs through Hugging Face accelerate: ``python -m app.train`` trains in one process (GPU or CPU),
     ``accelerate launch -m app.train`` data-parallel (DDP: gradients are averaged, every process
@@ -226,25 +175,37 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.device = device = self.accelerator.device
-        self.pipe, self.args = pipe.to(device), args
-        pipe.compressor.train()
-        pipe.unet.train()
-        self.lpips = load_lpips(args.lpips_net, device=device)
+        self.pipe, self.args, self.stage = pipe.to(device), args, args.stage
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        for module in (pipe.compressor, pipe.unet, self.lpips):
+        self.main_params, aux_params = stage_parameters(pipe.compressor, pipe.unet, self.stage)
+        trained = {id(p) for p in self.main_params + aux_params}
+        for p in [*pipe.compressor.parameters(), *pipe.unet.parameters()]:
+            p.requires_grad_(id(p) in trained)
+        pipe.compressor.train(self.stage != "denoiser")
+        pipe.unet.train(self.stage != "compressor")
+        alphas = pipe.scheduler.alphas_cumprod.to(device)
+        snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
+        if self.stage == "compressor":
+            self.lpips = None
+            self.objective = RateDistortionLoss(args.lambdas)
+        else:
+            self.lpips = load_lpips(args.lpips_net, device=device).to(memory_format=self.memory_format)
+            self.objective = (DenoiserLoss(snr_weight, self.lpips) if self.stage == "denoiser"
+                              else JointLoss(args.lambdas, snr_weight, self.lpips))
+        self.objective.to(device)
+        for module in (pipe.compressor, pipe.unet):
             module.to(memory_format=self.memory_format)
-        self.main_params, aux_params = split_parameters(pipe.compressor, pipe.unet)
         self.params = self.main_params + aux_params
         opt = torch.optim.Adam(self.main_params, lr=args.lr, fused=args.fused_adam or None)
-        aux_opt = torch.optim.Adam(aux_params, lr=3e-3)  # the quantiles: local to each process, refit at save
-        self.compressor, self.unet, self.opt, self.aux_opt = self.accelerator.prepare(
-            pipe.compressor, pipe.unet, opt, aux_opt)
-        if args.compile:
+        models = (pipe.compressor,) if self.stage == "compressor" else (pipe.compressor, pipe.unet)
+        optimisers = (opt, torch.optim.Adam(aux_params, lr=3e-3)) if aux_params else (opt,)  # aux: the quantiles
+        prepared = self.accelerator.prepare(*models, *optimisers)
+        self.compressor, self.unet = prepared[0], prepared[1] if len(models) == 2 else None
+        self.opt, self.aux_opt = prepared[len(models)], prepared[len(models) + 1] if aux_params else None
+        if args.compile and self.unet is not None:
             self.unet = torch.compile(self.unet)
         self.ema = EMAModel(self.params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
-        self.lambdas = torch.tensor(args.lambdas, device=device)
-        alphas = pipe.scheduler.alphas_cumprod.to(device)
-        self.snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
+        self.accelerator.register_for_checkpointing(self.ema)
         rank = 1000 * self.accelerator.process_index  # process 0 keeps the seeds of a single-process run
         self.gen = torch.Generator().manual_seed(args.seed + rank)
         self.t_gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # own stream: samplers differ only in t
@@ -258,71 +219,81 @@ class Trainer:
         return broadcast(torch.tensor([seconds], device=self.device)).item()
 
     def step(self, x: torch.Tensor, lr: float) -> dict:
-        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the loss terms (tensors; ``perceptual``:
-        LPIPS of the samples :func:`perceptual_indices` picks) and x̂0. Nothing in it waits for the device."""
+        """One step on crops ``x`` (N, 3, H, W) in [-1, 1]; returns the objective's terms (tensors), the
+        auxiliary loss, the gradient norm, x_base and x̂0 (None in the compressor stage). Nothing in it
+        waits for the device."""
         compressor, unet, scheduler, args, device = self.compressor, self.unet, self.pipe.scheduler, self.args, self.device
         for g in self.opt.param_groups:
             g["lr"] = lr
         x = x.contiguous(memory_format=self.memory_format)
-        n, _, h, w = x.shape
+        n = x.shape[0]
         q = torch.randint(len(args.lambdas), (n,), generator=self.gen)
         rho = sample_rho(n, self.gen)
         t = sample_timesteps(n, self.t_gen, self.grid, args.grid_share, args.grid_jitter,
                              scheduler.config.num_train_timesteps)
         lp = perceptual_indices(rho)
         q, rho, t, lp = (to_device(v, device) for v in (q, rho, t, lp))
-        noise = torch.empty_like(x).normal_(generator=self.noise_gen)
 
+        x0_hat = None
         with self.accelerator.autocast():
-            out = compressor(x, q)
-            x_t = scheduler.add_noise(x, noise, t)
-            x0_hat = unet(x_t, t, rho, out.content, out.x_base).sample.float()
-            perceptual = self.lpips(x0_hat.index_select(0, lp), x.index_select(0, lp)).float()
-        bits = sum(torch.log2(lik).flatten(1).sum(1) for lik in out.likelihoods.values())
-        bpp = -bits / (h * w)
-        mse = (x0_hat - x).pow(2).flatten(1).mean(1)
-        base_mse = (out.x_base.float() - x).pow(2).flatten(1).mean(1)
-        loss = ((self.lambdas[q] * bpp + (1 - rho) * self.snr_weight[t] * mse + base_mse).sum()
-                + (rho.index_select(0, lp) * perceptual).sum()) / n
+            with torch.set_grad_enabled(self.stage != "denoiser"):
+                out = compressor(x, q)
+            if self.stage == "compressor":
+                terms = self.objective(out, x, q)
+            else:
+                noise = torch.empty_like(x).normal_(generator=self.noise_gen)
+                x0_hat = unet(scheduler.add_noise(x, noise, t), t, rho, out.content, out.x_base).sample.float()
+                terms = (self.objective(x0_hat, x, t, rho, lp) if self.stage == "denoiser"
+                         else self.objective(out, x0_hat, x, q, t, rho, lp))
 
         self.opt.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        self.accelerator.backward(terms["loss"])
         grad_norm = self.accelerator.clip_grad_norm_(self.main_params, 1.0)
         self.opt.step()
-        aux_loss = self.pipe.compressor.aux_loss()
-        self.aux_opt.zero_grad(set_to_none=True)
-        aux_loss.backward()
-        self.aux_opt.step()
+        aux_loss = torch.zeros(())
+        if self.aux_opt is not None:
+            aux_loss = self.pipe.compressor.aux_loss()
+            self.aux_opt.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            self.aux_opt.step()
         self.ema.step(self.params)
-        return {"loss": loss, "bpp": bpp, "mse": mse, "perceptual": perceptual, "base_mse": base_mse,
-                "aux": aux_loss, "grad_norm": grad_norm, "x0_hat": x0_hat}
+        return {**terms, "aux": aux_loss, "grad_norm": grad_norm, "x_base": out.x_base, "x0_hat": x0_hat}
+
+    # -- the run's state: fp32 weights, Adam, EMA, generators and counts, outside git ----------
+    def save_state(self, folder: Path, counts: dict) -> None:
+        """accelerate's ``save_state`` (models, optimisers, EMA, global RNG) plus this trainer's generators
+        and ``counts``; ``run.json`` is written last and marks a complete state."""
+        folder = Path(folder)
+        (folder / "run.json").unlink(missing_ok=True)
+        self.accelerator.save_state(str(folder), safe_serialization=False)  # safetensors drops the empty coding tables
+        torch.save({name: getattr(self, name).get_state() for name in GENERATORS}, folder / "generators.pt")
+        (folder / "run.json").write_text(json.dumps({"stage": self.stage, "architecture": self.architecture(), **counts}))
+
+    def load_state(self, folder: Path) -> dict | None:
+        """Continue from ``folder`` if it holds a complete state of this stage and architecture: the counts, else None."""
+        folder = Path(folder)
+        info = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else None
+        if not info or info.get("stage") != self.stage or info.get("architecture") != self.architecture():
+            return None
+        self.accelerator.load_state(str(folder))
+        for name, state in torch.load(folder / "generators.pt").items():
+            getattr(self, name).set_state(state)
+        return info
+
+    def architecture(self) -> dict:
+        return {name: {k: v for k, v in module.config.items() if not k.startswith("_")}
+                for name, module in (("compressor", self.pipe.compressor), ("unet", self.pipe.unet))}
 
 
-@torch.no_grad()
-def validate(pipe: CDCPipeline, images, levels) -> dict:
-    """Real bitstreams on whole images: bpp from the bytes, PSNR at ρ = 0 with the pipeline's decode defaults."""
-    pipe.weights_changed()
-    rows = {}
-    for q in levels:
-        bpps, psnrs = [], []
-        for img in images:
-            data = pipe.compress(img, q)
-            recon = pipe.decompress(data, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
-            bpps.append(bits_per_pixel(data))
-            psnrs.append(psnr(img, recon))
-        rows[f"q{q}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
-    pipe.weights_changed()
-    return rows
+def stage_parameters(compressor: CDCCompressor, unet: CDCUNet, stage: str = "joint") -> tuple[list, list]:
+    """(main, aux) trained in ``stage``: the entropy bottleneck's quantiles (aux) by the auxiliary loss only,
+    and only in the stages that train the compressor."""
+    aux = [p for n, p in compressor.named_parameters() if n.endswith("quantiles")] if stage != "denoiser" else []
+    main = [p for n, p in compressor.named_parameters() if not n.endswith("quantiles")] if stage != "denoiser" else []
+    return main + (list(unet.parameters()) if stage != "compressor" else []), aux
 
 
-def split_parameters(compressor: CDCCompressor, unet: CDCUNet) -> tuple[list, list]:
-    """(main, aux): the entropy bottleneck's quantiles are trained by the auxiliary loss only."""
-    aux = [p for n, p in compressor.named_parameters() if n.endswith("quantiles")]
-    main = [p for n, p in compressor.named_parameters() if not n.endswith("quantiles")] + list(unet.parameters())
-    return main, aux
-
-
-def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
+def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict, stage: str = "joint") -> None:
     """Write the EMA weights as a pipeline folder: parameters in fp16, buffers (bounds, constants) in fp32.
 
     Non-finite weights are refused (SystemExit) rather than written. ``training_state.json`` is removed
@@ -331,7 +302,7 @@ def save(pipe: CDCPipeline, ema: EMAModel, out: Path, state: dict) -> None:
         raise SystemExit(f"error: the EMA weights are not finite; {out} keeps its last complete save")
     (out / "training_state.json").unlink(missing_ok=True)
     compressor, unet = copy.deepcopy(pipe.compressor).cpu(), copy.deepcopy(pipe.unet).cpu()
-    main, aux = split_parameters(compressor, unet)
+    main, aux = stage_parameters(compressor, unet, stage)
     ema.copy_to(main + aux)
     compressor.update(force=True, update_quantiles=True)  # fit the quantiles the CDF tables span
     write_checkpoint(compressor, unet, pipe, out, state)
@@ -351,7 +322,7 @@ def write_checkpoint(compressor, unet, pipe: CDCPipeline, out: Path, state: dict
 def training_state(args, prior: dict, step: int, crops: int, minutes: float, device, processes: int = 1) -> dict:
     """This run's counts plus the totals of the checkpoint it resumed from."""
     peak_lr, warmup = lr_schedule(args, processes)
-    run = {"steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
+    run = {"stage": args.stage, "steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
            "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
            "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
            "warmup_steps": warmup,
@@ -359,6 +330,7 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
            if args.grid_share else "uniform"}
     return {
         "lambdas": list(args.lambdas),
+        "lambda_convention": "compressai",
         "total_steps": prior.get("total_steps", 0) + step,
         "total_crops": prior.get("total_crops", 0) + crops,
         "total_minutes": round(prior.get("total_minutes", 0) + minutes, 2),
@@ -376,6 +348,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pack-quality", type=int, default=85, help="JPEG quality of the packed tiles")
     ap.add_argument("--out", type=Path, default=Path("runs/cdc"))
     ap.add_argument("--resume", type=Path, help="pipeline folder to continue from (e.g. checkpoints/cdc)")
+    ap.add_argument("--stage", choices=STAGES, default="joint",
+                    help="compressor: rate + x_base only; denoiser: the UNet, compressor frozen; joint: everything")
+    ap.add_argument("--state", type=Path,
+                    help="the run's full state (fp32 weights, Adam, EMA, generators), continued if it holds this stage "
+                         f"(default: a folder per --out under $CDC_STATE_ROOT or {STATE_ROOT})")
+    ap.add_argument("--base-channels", type=int, nargs=2, metavar=("H2", "H1"),
+                    help="grow the compressor's x_base synthesis at H/2 and H to these widths")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--max-steps", type=int, help="also stop after this many steps (equal-budget comparisons)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -387,15 +366,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup-crops", type=int,
                     help="warm-up length in crops instead of steps (9600 = the recipe's 300 steps × 32)")
     ap.add_argument("--lambdas", type=float, nargs="+",
-                    help="rate weight per quality level (default: the resumed checkpoint's, else DEFAULT_LAMBDAS)")
+                    help="λ per quality level, compressai's convention λ·255²·MSE + bpp (default: the resumed "
+                         "checkpoint's, else DEFAULT_LAMBDAS)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
                     help="share of t drawn on the 1–4-step decode timesteps (0 = uniform t)")
     ap.add_argument("--grid-jitter", type=int, default=GRID_JITTER, help="± timesteps around the decode grid")
     ap.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
-    ap.add_argument("--val", type=Path, help="folder of whole images checked with real bitstreams during training")
+    ap.add_argument("--val", type=Path, help="folder of whole images: app.diagnose's numbers, logged during training")
     ap.add_argument("--val-count", type=int, default=4)
-    ap.add_argument("--val-every-minutes", type=float, default=3.0)
+    ap.add_argument("--val-every-minutes", type=float, default=10.0)
     ap.add_argument("--save-every-minutes", type=float, default=5.0)
     ap.add_argument("--log", type=Path, help="JSON-lines log (default OUT/log.jsonl)")
     ap.add_argument("--seed", type=int, default=0)
@@ -414,6 +394,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def log_row(trainer: Trainer, out: dict, x: torch.Tensor, step: int, minutes: float, crops: int, lr: float) -> dict:
+    """The logged numbers of a step: the objective's terms, x_base's PSNR and, where the UNet ran, x̂0's PSNR and LPIPS."""
+    row = {"step": step, "minutes": round(minutes, 3), "crops": crops, "lr": lr, "loss": out["loss"].item(),
+           "psnr_base": (-10 * torch.log10(mse01(out["x_base"], x))).mean().item(),
+           "aux": out["aux"].item(), "grad_norm": out["grad_norm"].item()}
+    if "bpp" in out:
+        row["bpp"] = out["bpp"].mean().item()
+    if out["x0_hat"] is not None:
+        with torch.no_grad(), trainer.accelerator.autocast():  # the whole batch: the step skips the crops with ρ = 0
+            row["lpips_x0"] = trainer.lpips(out["x0_hat"], x).float().mean().item()
+        row["psnr_x0"] = (-10 * torch.log10(mse01(out["x0_hat"].clamp(-1, 1), x))).mean().item()
+    return row
+
+
+def validate(trainer: Trainer, images) -> dict:
+    """app.diagnose's numbers with the EMA weights (all levels; the ρ = 0 decode where the UNet trains)."""
+    pipe = trainer.pipe
+    trainer.ema.store(trainer.params)
+    trainer.ema.copy_to(trainer.params)
+    pipe.weights_changed()
+    modes = pipe.compressor.training, pipe.unet.training
+    pipe.compressor.eval()
+    pipe.unet.eval()
+    try:
+        return diagnose.measure(pipe, images, decode=trainer.stage != "compressor")
+    finally:
+        pipe.compressor.train(modes[0])
+        pipe.unet.train(modes[1])
+        trainer.ema.restore(trainer.params)
+        pipe.weights_changed()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
 
@@ -426,7 +438,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
 
     prior = prior_state(args.resume)
-    args.lambdas = args.lambdas or prior.get("lambdas") or list(DEFAULT_LAMBDAS)
+    args.lambdas = args.lambdas or prior_lambdas(prior) or list(DEFAULT_LAMBDAS)
     pipe = build_pipeline(args)
     if pipe.num_quality_levels != len(args.lambdas):
         raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
@@ -436,21 +448,41 @@ def main(argv=None) -> None:
     peak_lr, warmup = lr_schedule(args, processes)
     sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device,
                           args.seed + accelerator.process_index)
+    state_dir = args.state or default_state_dir(args.out)
+    resumed = trainer.load_state(state_dir) or {}
+    if resumed:
+        sampler.gen.set_state(torch.load(state_dir / "sampler.pt"))
+        prior = prior_state(args.out) if (args.out / "training_state.json").is_file() else prior
     val_images = [load_image(p) for p in image_files(args.val)[: args.val_count]] if args.val and main_process else []
     log = None
     if main_process:
-        print(f"{len(sampler)} training images, {len(val_images)} validation images, "
-              f"{processes} process(es) on {device}", flush=True)
+        print(f"stage {args.stage}: {len(sampler)} training images, {len(val_images)} validation images, "
+              f"{processes} process(es) on {device}; "
+              + (f"continuing the run state in {state_dir} at step {resumed['steps']}" if resumed
+                 else f"run state in {state_dir}"), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         log = open(args.log or args.out / "log.jsonl", "a")
 
-    step = crops = 0
+    def write_log(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    def save_all(minutes: float) -> None:
+        """The fp16 export first (it refuses non-finite weights), then the run state."""
+        save(pipe, trainer.ema, args.out, training_state(args, prior, step - base_step, crops - base_crops,
+                                                         minutes - base_minutes, device, processes), args.stage)
+        trainer.save_state(state_dir, {"steps": step, "crops": crops, "minutes": round(minutes, 2)})
+        torch.save(sampler.gen.get_state(), state_dir / "sampler.pt")
+
+    base_step, base_crops, base_minutes = resumed.get("steps", 0), resumed.get("crops", 0), resumed.get("minutes", 0.0)
+    step, crops = base_step, base_crops
     next_val = next_save = 0.0
     while True:
         elapsed = trainer.main_clock(time.monotonic() - start)
-        if elapsed >= budget or step == args.max_steps:
+        if elapsed >= budget or (args.max_steps and step - base_step >= args.max_steps):
             break
-        frac = max(elapsed / budget, step / args.max_steps if args.max_steps else 0.0)
+        frac = max(elapsed / budget, (step - base_step) / args.max_steps if args.max_steps else 0.0)
         lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = sampler.batch(args.batch_size)
         out = trainer.step(x, lr)
@@ -459,46 +491,26 @@ def main(argv=None) -> None:
         if not main_process:
             continue
 
-        if step % 50 == 0 or step == 1:
-            with torch.no_grad():
-                x0_psnr = (10 * torch.log10(4 / (out["x0_hat"].clamp(-1, 1) - x).pow(2).flatten(1).mean(1))).mean()
-                base_psnr = (10 * torch.log10(4 / out["base_mse"])).mean()
-                with accelerator.autocast():  # LPIPS of the whole batch: the step skips the crops with ρ = 0
-                    x0_lpips = trainer.lpips(out["x0_hat"], x).float().mean()
-            row = {
-                "step": step, "minutes": round(elapsed / 60, 3), "crops": crops, "lr": lr, "loss": out["loss"].item(),
-                "bpp": out["bpp"].mean().item(), "mse_x0": out["mse"].mean().item(),
-                "lpips_x0": x0_lpips.item(), "psnr_x0": x0_psnr.item(), "psnr_base": base_psnr.item(),
-                "aux": out["aux"].item(), "grad_norm": out["grad_norm"].item(),
-            }
-            print(json.dumps(row), flush=True)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+        if step % 50 == 0 or step == base_step + 1:
+            row = log_row(trainer, out, x, step, base_minutes + elapsed / 60, crops, lr)
+            write_log(row)
             if not math.isfinite(row["loss"]):
                 raise SystemExit(f"error: non-finite loss at step {step}")
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
-            if step > 1:
-                trainer.ema.store(trainer.params)
-                trainer.ema.copy_to(trainer.params)
-                pipe.compressor.eval()
-                pipe.unet.eval()
-                row = {"step": step, "minutes": round(elapsed / 60, 3),
-                       "val": validate(pipe, val_images, range(0, pipe.num_quality_levels, 2))}
-                pipe.compressor.train()
-                pipe.unet.train()
-                trainer.ema.restore(trainer.params)
-                print(json.dumps(row), flush=True)
-                log.write(json.dumps(row) + "\n")
-        if elapsed >= next_save and step > 1:
+            if step > base_step + 1:
+                write_log({"step": step, "minutes": round(base_minutes + elapsed / 60, 3), "stage": args.stage,
+                           "diagnostics": validate(trainer, val_images)})
+        if elapsed >= next_save and step > base_step + 1:
             next_save = elapsed + args.save_every_minutes * 60
-            save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, elapsed / 60, device, processes))
+            save_all(base_minutes + elapsed / 60)
 
     accelerator.wait_for_everyone()
     if main_process:
-        minutes = (time.monotonic() - start) / 60
-        save(pipe, trainer.ema, args.out, training_state(args, prior, step, crops, minutes, device, processes))
-        print(f"saved {args.out} after {step} steps, {crops} crops, {minutes:.1f} min", flush=True)
+        minutes = base_minutes + (time.monotonic() - start) / 60
+        save_all(minutes)
+        print(f"saved {args.out} after {step - base_step} steps, {crops - base_crops} crops, "
+              f"{minutes - base_minutes:.1f} min (stage {args.stage})", flush=True)
     accelerator.end_training()
 
 

@@ -27,6 +27,12 @@ def make_tiny_pipeline(seed: int = 0) -> CDCPipeline:
     return CDCPipeline(compressor, unet, make_scheduler(), decode_defaults=[{"rho": 0.0, "num_inference_steps": 2, "noise_scale": 1.0}])
 
 
+@pytest.fixture(autouse=True)
+def _run_state_in_tmp(tmp_path_factory, monkeypatch):
+    """Training runs keep their state under a temporary folder, not the user's cache."""
+    monkeypatch.setenv("CDC_STATE_ROOT", str(tmp_path_factory.getbasetemp() / "run-states"))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline() -> CDCPipeline:
     return make_tiny_pipeline()

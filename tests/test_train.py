@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-from app import train
+from app import train, train_data
 from app.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     tiles = sorted(packed.iterdir())
     assert len(tiles) == 3 * 3  # every photo gives area // 64² = 3 tiles, at its own resolution
     assert all(Image.open(t).size == (64, 64) for t in tiles)
-    small = train.pack([src], tmp_path / "small", tile=64, max_mb=2.5 * tiles[0].stat().st_size / 1e6, quality=90)
+    small = train_data.pack([src], tmp_path / "small", tile=64, max_mb=2.5 * tiles[0].stat().st_size / 1e6, quality=90)
     assert small["tiles"] == 2 and small["bytes"] <= 2.5 * tiles[0].stat().st_size  # the budget is never exceeded
     assert small["pixels"] == 2 * 64 * 64 and small["photos"] == 3
 
@@ -111,7 +111,7 @@ def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically()
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((24, 24), (24, 24), (30, 41), (12, 20))]
     images = [Image.fromarray(a) for a in arrays]
-    sampler = train.CropSampler(images, 16, "cpu", seed=5)
+    sampler = train_data.CropSampler(images, 16, "cpu", seed=5)
     assert len(sampler) == 4 and len(sampler.stacks) == 3  # the 12×20 image is upscaled to a short side of 16
     x = sampler.batch(64)
     assert x.shape == (64, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
@@ -124,11 +124,11 @@ def test_crop_sampler_cuts_flipped_crops_of_every_image_size_deterministically()
     assert (plain | mirrored).any(0).all() and 16 < int((~plain.any(1)).sum()) < 48  # all images, about half mirrored
 
     one = torch.from_numpy(rng.integers(0, 256, (18, 21, 3), dtype=np.uint8))
-    plain, mirrored = match(as_uint8(train.CropSampler([Image.fromarray(one.numpy())], 16, "cpu", 0).batch(400)), one)
+    plain, mirrored = match(as_uint8(train_data.CropSampler([Image.fromarray(one.numpy())], 16, "cpu", 0).batch(400)), one)
     assert plain.any(0).sum() == mirrored.any(0).sum() == 3 * 6  # every position, plain and mirrored
 
-    assert torch.equal(train.CropSampler(images, 16, "cpu", seed=5).batch(64), x)
-    assert not torch.equal(train.CropSampler(images, 16, "cpu", seed=6).batch(64), x)
+    assert torch.equal(train_data.CropSampler(images, 16, "cpu", seed=5).batch(64), x)
+    assert not torch.equal(train_data.CropSampler(images, 16, "cpu", seed=6).batch(64), x)
 
 
 def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline, monkeypatch):
@@ -170,7 +170,8 @@ def test_speed_flags_and_scaled_lr_train_validate_and_save_on_cpu(tiny_pipeline_
                 "--crop", "64", "--lambdas", "0.1", "0.05", "0.02", "0.01", "--device", "cpu",
                 "--fused-adam", "--channels-last", "--lr-scaling", "sqrt", "--warmup-crops", "4"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert "val" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
+    assert "diagnostics" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
+    assert log[-1]["diagnostics"]["q0"]["psnr_rho0"] > 0 and log[-1]["diagnostics"]["q3"]["bpp"] > 0
     run = json.loads((out / "training_state.json").read_text())["runs"][-1]
     assert run["speed"] == ["--fused-adam", "--channels-last"] and run["steps"] == 2
     assert run["lr"] == pytest.approx(3e-4 * (2 / 32) ** 0.5) and run["lr_scaling"] == "sqrt" and run["warmup_steps"] == 2
@@ -196,7 +197,7 @@ def test_bf16_autocast_as_on_cuda_trains_and_saves_on_cpu(tiny_pipeline_dir, tmp
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[0]["step"] == 1 and all(np.isfinite(log[0][k]) for k in ("loss", "bpp", "mse_x0"))
+    assert log[0]["step"] == 1 and all(np.isfinite(log[0][k]) for k in ("loss", "bpp", "psnr_x0"))
     assert json.loads((out / "training_state.json").read_text())["runs"][-1]["steps"] == 2
 
 
@@ -248,3 +249,75 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_the_last_complete_save(ti
     monkeypatch.setattr(train, "save", lambda *a: None)  # without saves, the log step's loss check stops it
     with pytest.raises(SystemExit, match="non-finite loss at step 50"):
         train.main([*common, "--max-steps", "60", "--lr", "1e30"])
+
+
+def _noise_photo(folder: Path, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (72, 96, 3), dtype=np.uint8)).save(folder / "0.png")
+    return folder
+
+
+@pytest.mark.parametrize("stage", train.STAGES)
+def test_each_stage_trains_only_its_own_parameters(tiny_pipeline, stage):
+    import copy
+
+    import torch
+
+    pipe = copy.deepcopy(tiny_pipeline)
+    before = {name: copy.deepcopy(module.state_dict()) for name, module in (("compressor", pipe.compressor), ("unet", pipe.unet))}
+    args = train.parse_args(["--data", "x", "--device", "cpu", "--stage", stage, "--lambdas", "0.01", "0.02", "0.04", "0.08"])
+    trainer = train.Trainer(pipe, args)
+    out = trainer.step(torch.rand(4, 3, 64, 64) * 2 - 1, 1e-3)
+    assert torch.isfinite(out["loss"]) and (out["x0_hat"] is None) == (stage == "compressor")
+
+    def changed(name):
+        after = getattr(pipe, name).state_dict()
+        return any(not torch.equal(after[k], v) for k, v in before[name].items() if v.is_floating_point())
+
+    assert changed("compressor") == (stage != "denoiser")
+    assert changed("unet") == (stage != "compressor")
+
+
+def test_a_run_continues_from_its_state_with_adam_ema_and_step(tiny_pipeline_dir, tmp_path):
+    import torch
+
+    src = _noise_photo(tmp_path / "src")
+    out, state = tmp_path / "run", tmp_path / "state"
+    common = ["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--state", str(state),
+              "--stage", "compressor", "--batch-size", "2", "--crop", "64", "--lambdas", "0.01", "0.02", "0.04", "0.08",
+              "--device", "cpu", "--max-steps", "3"]
+    train.main(common)
+    assert json.loads((state / "run.json").read_text())["steps"] == 3
+    train.main(common)  # continues: three more steps on the fp32 weights, Adam's moments and the EMA
+    assert json.loads((state / "run.json").read_text())["steps"] == 6
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "loss" in row] == [1, 4]
+    adam = torch.load(state / "optimizer.bin", weights_only=False)["state"]
+    assert {int(s["step"]) for s in adam.values()} == {6}
+    assert torch.load(state / "custom_checkpoint_0.pkl", weights_only=False)["optimization_step"] == 6
+    runs = json.loads((out / "training_state.json").read_text())["runs"]
+    assert [r["steps"] for r in runs[-2:]] == [3, 3] and all(r["stage"] == "compressor" for r in runs[-2:])
+    train.main([*common, "--stage", "denoiser", "--max-steps", "1"])  # another stage starts afresh
+    assert json.loads((state / "run.json").read_text()) | {"architecture": None} == \
+        {"stage": "denoiser", "steps": 1, "crops": 2, "minutes": pytest.approx(0, abs=1), "architecture": None}
+
+
+def test_a_grown_compressor_trains_and_ships_its_base_synthesis(tiny_pipeline_dir, tmp_path):
+    src = _noise_photo(tmp_path / "src", 3)
+    out = tmp_path / "run"
+    train.main(["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--stage", "compressor",
+                "--base-channels", "8", "4", "--batch-size", "2", "--crop", "64", "--device", "cpu", "--max-steps", "2",
+                "--lambdas", "0.01", "0.02", "0.04", "0.08"])
+    pipe = load_pipeline(out)
+    assert tuple(pipe.compressor.config.base_channels) == (8, 4)
+    assert pipe.decompress(pipe.compress(src / "0.png", 3), progress=False).size == (96, 72)
+
+
+def test_the_first_checkpoints_lambdas_read_in_compressais_convention():
+    state = {"lambdas": [4 / 255**2, 0.5]}
+    assert train.prior_lambdas(state) == pytest.approx([1.0, 8 / 255**2])
+    assert train.prior_lambdas({**state, "lambda_convention": "compressai"}) == state["lambdas"]
+    assert train.prior_lambdas({}) is None

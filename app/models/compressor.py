@@ -3,6 +3,10 @@
     y = g_a(x) · gain[q]          z = h_a(y)          (μ, σ) = h_s(ẑ)
     ŷ = round(y − μ) + μ          content pyramid, x_base = g_s(ŷ / gain[q])
 
+g_s ends in a linear 3×3 convolution at H/4 and pixel_shuffle(4); with ``base_channels`` a
+non-linear synthesis at H/2 and H adds a residual to it (zero at initialisation, so a grown
+checkpoint starts out decoding exactly as before).
+
 Rate (Eq. 7's first term) uses the noisy-relaxed likelihoods of y and z; the decoder path uses
 the straight-through rounded ŷ. The gain vectors (Cui et al. 2021) give Q rate levels in one model.
 Training uses the float h_s; real files use its exact integer version and the stored coding tables
@@ -45,6 +49,21 @@ class CompressorOutput(BaseOutput):
     likelihoods: dict = None
 
 
+def base_synthesis(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """H/4 features → a 3-channel residual at H: per width a 3×3 conv, pixel_shuffle(2) and LeakyReLU
+    (H/4 → H/2 → H for two widths), then a zero-initialised 3×3 conv to RGB."""
+    if len(widths) != 2:
+        raise ValueError(f"base_channels needs two widths (H/2 and H), got {widths}")
+    layers, c = [], in_channels
+    for width in widths:
+        layers += [conv(c, 4 * width, 3, 1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
+        c = width
+    out = conv(c, 3, 3, 1)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers, out)
+
+
 class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
     """Analysis transform, hyperprior and content decoder.
 
@@ -55,6 +74,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         content_channels: widths of the content pyramid at H/4, H/8, H/16 (the UNet's cond_channels).
         num_quality_levels: Q, number of gain vectors.
         gain_spread: initial log2 gains span ±gain_spread across levels (spread rates from the start).
+        base_channels: widths of the x_base synthesis stages at H/2 and H; () = none (the first checkpoints).
     """
 
     @register_to_config
@@ -66,6 +86,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         content_channels: tuple[int, int, int] = (64, 96, 128),
         num_quality_levels: int = 6,
         gain_spread: float = 1.5,
+        base_channels: tuple[int, ...] = (),
     ):
         super().__init__()
         m, n = latent_channels, hyper_channels
@@ -94,6 +115,17 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self.content8 = nn.Sequential(deconv(k3, k2), GDN(k2, inverse=True))
         self.content4 = nn.Sequential(deconv(k2, k1), GDN(k1, inverse=True))
         self.to_base = conv(k1, 3 * 16, 3, 1)
+        self.base_refine = base_synthesis(k1, tuple(base_channels)) if base_channels else None
+
+    def with_base_synthesis(self, widths) -> "CDCCompressor":
+        """A copy with x_base synthesis stages of ``widths`` (zero residual at first: it decodes as before)."""
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        grown = type(self)(**{**config, "base_channels": tuple(widths)})
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("base_refine.")}
+        missing, unexpected = grown.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("base_refine.") for k in missing):
+            raise ValueError(f"cannot grow this compressor: missing {missing}, unexpected {unexpected}")
+        return grown.to(self.device, self.dtype)
 
     # -- pieces ---------------------------------------------------------------------------
     def gain(self, quality: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -121,7 +153,10 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         f16 = self.content16(y_hat * self.gain(quality, inverse=True))
         f8 = self.content8(f16)
         f4 = self.content4(f8)
-        return [f4, f8, f16], F.pixel_shuffle(self.to_base(f4), 4)
+        x_base = F.pixel_shuffle(self.to_base(f4), 4)
+        if self.base_refine is not None:
+            x_base = x_base + self.base_refine(f4)
+        return [f4, f8, f16], x_base
 
     # -- training -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, quality: torch.Tensor) -> CompressorOutput:
@@ -144,6 +179,10 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
             self.coding.freeze(self.entropy_bottleneck, self.gaussian_conditional)
         self._integer_h_s = None
         return updated
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's own: compressai's resizes CDF buffers that this model does not save (see ``coding``)."""
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._integer_h_s = None
