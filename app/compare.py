@@ -6,8 +6,10 @@ Both files come from ``python -m app.evaluate`` on the same images. The new chec
 its mean curves (levels as points) by BD-rate on PSNR at ρ = 0 and on LPIPS at ρ = 0.9 (negative =
 it needs fewer bits for the same quality). Where the quality ranges do not overlap (one curve is
 above the other everywhere), the Bjøntegaard delta of quality at equal rate decides instead.
-Verdict: ship if it is better on at least one of the two. Exit status 0 = ship, 1 = keep the
-shipped checkpoint.
+Verdict: ship if it is better on at least one of the two and not worse on the other beyond the noise
+margin: a BD-rate above +{bd}% or, without one, a loss at equal rate of more than {psnr} dB PSNR or
+{lpips} LPIPS. (A compressor that gains PSNR while a UNet trained on its old content loses realism is
+not shipped.) Exit status 0 = ship, 1 = keep the shipped checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from scipy.interpolate import PchipInterpolator
 from app.evaluate import bd_rate
 
 CRITERIA = (("psnr", 0.0, 1), ("lpips", 0.9, -1))  # metric, ρ, sign that makes it higher-is-better
+MARGIN_BD_RATE = 2.0  # %, the noise margin of "not worse"
+MARGIN_DELTA = {"psnr": 0.05, "lpips": 0.003}  # the same at equal rate, where the BD-rate is undefined
+__doc__ = __doc__.format(bd=MARGIN_BD_RATE, psnr=MARGIN_DELTA["psnr"], lpips=MARGIN_DELTA["lpips"])
 
 
 def curve(result: dict, rho: float, metric: str, sign: int) -> tuple[list, list]:
@@ -48,17 +53,28 @@ def bd_quality(rate_ref, quality_ref, rate_test, quality_test) -> float | None:
     return float(test - ref) / (hi - lo)
 
 
+def judge(rate: float | None, delta: float | None, metric: str) -> str:
+    """"better", "worse" (beyond the noise margin), "same" (within it) or "unknown" (no overlap at all);
+    ``delta`` is higher-is-better."""
+    if rate is not None:
+        return "better" if rate < 0 else "worse" if rate > MARGIN_BD_RATE else "same"
+    if delta is None:
+        return "unknown"
+    return "better" if delta > 0 else "worse" if delta < -MARGIN_DELTA[metric] else "same"
+
+
 def compare(old: dict, new: dict) -> dict:
-    """BD-rate (%) of new vs old per criterion, and whether to ship the new checkpoint."""
+    """BD-rate (%) of new vs old per criterion, the verdict per criterion, and whether to ship the new checkpoint."""
     if sorted(i["name"] for i in old["images"]) != sorted(i["name"] for i in new["images"]):
         raise ValueError("the two evaluations are not on the same images")
-    rates, deltas, better = {}, {}, []
+    rates, deltas, verdicts = {}, {}, {}
     for metric, rho, sign in CRITERIA:
         key, curves = f"{metric}@{rho:g}", (*curve(old, rho, metric, sign), *curve(new, rho, metric, sign))
         rates[key], delta = bd_rate(*curves), bd_quality(*curves)
         deltas[key] = None if delta is None else sign * delta  # in the metric's own units
-        better.append(rates[key] < 0 if rates[key] is not None else delta is not None and delta > 0)
-    return {"bd_rate": rates, "delta_at_equal_rate": deltas, "ship": any(better)}
+        verdicts[key] = judge(rates[key], delta, metric)
+    ship = "better" in verdicts.values() and all(v in ("better", "same") for v in verdicts.values())
+    return {"bd_rate": rates, "delta_at_equal_rate": deltas, "verdicts": verdicts, "ship": ship}
 
 
 def main(argv=None) -> int:
@@ -75,8 +91,10 @@ def main(argv=None) -> int:
     for name, rate in verdict["bd_rate"].items():
         delta = verdict["delta_at_equal_rate"][name]
         print(f"{name}: BD-rate " + ("– (qualities do not overlap)" if rate is None else f"{rate:+.1f}%")
-              + f", Δ{name.split('@')[0].upper()} at equal rate " + ("–" if delta is None else f"{delta:+.4f}"))
-    print("ship the new checkpoint" if verdict["ship"] else "keep the shipped checkpoint (not better on either)")
+              + f", Δ{name.split('@')[0].upper()} at equal rate " + ("–" if delta is None else f"{delta:+.4f}")
+              + f": {verdict['verdicts'][name]}")
+    print("ship the new checkpoint" if verdict["ship"] else
+          "keep the shipped checkpoint (not better on one of the two without being worse on the other)")
     return 0 if verdict["ship"] else 1
 
 

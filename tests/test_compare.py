@@ -16,9 +16,16 @@ def result(psnr_shift=0.0, lpips_scale=1.0, images=("a.png", "b.png")):
     return {"images": [{"name": n} for n in images], "means": means}
 
 
-def test_better_on_one_metric_ships():
-    verdict = compare.compare(result(), result(psnr_shift=0.5, lpips_scale=1.02))
-    assert verdict["bd_rate"]["psnr@0"] < 0 and verdict["bd_rate"]["lpips@0.9"] > 0 and verdict["ship"]
+def test_better_on_one_metric_and_no_worse_on_the_other_beyond_the_margin_ships():
+    verdict = compare.compare(result(), result(psnr_shift=0.5, lpips_scale=1.002))
+    assert verdict["bd_rate"]["psnr@0"] < 0 and 0 < verdict["bd_rate"]["lpips@0.9"] < compare.MARGIN_BD_RATE
+    assert verdict["verdicts"] == {"psnr@0": "better", "lpips@0.9": "same"} and verdict["ship"]
+
+
+def test_better_on_one_metric_but_worse_on_the_other_is_not_shipped():
+    verdict = compare.compare(result(), result(psnr_shift=0.5, lpips_scale=1.05))  # the PSNR gain, realism lost
+    assert verdict["bd_rate"]["lpips@0.9"] > compare.MARGIN_BD_RATE
+    assert verdict["verdicts"] == {"psnr@0": "better", "lpips@0.9": "worse"} and not verdict["ship"]
 
 
 def test_worse_on_both_is_not_shipped(tmp_path, capsys):
