@@ -20,7 +20,7 @@ if ZERO_GPU:
 import torch  # noqa: E402
 
 from app.pipeline import DEFAULT_CHECKPOINT, CheckpointError, load_pipeline  # noqa: E402
-from app.ui import build_demo  # noqa: E402
+from app.ui import MAX_SESSIONS, build_demo  # noqa: E402
 
 if __name__ == "__main__":
     checkpoint = os.environ.get("CDC_CHECKPOINT") or DEFAULT_CHECKPOINT
@@ -28,4 +28,4 @@ if __name__ == "__main__":
         pipe = load_pipeline(checkpoint, device="cuda" if ZERO_GPU or torch.cuda.is_available() else "cpu")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    build_demo(pipe, checkpoint).launch(ssr_mode=False, max_file_size="50mb")
+    build_demo(pipe, checkpoint).launch(ssr_mode=False, max_file_size="50mb", state_session_capacity=MAX_SESSIONS)

@@ -12,8 +12,10 @@ import inspect
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import gradio as gr
@@ -29,7 +31,11 @@ MAX_SIDE = 2048
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # lower than the CLI's limit: the Space decodes on a CPU
 MAX_STEPS = 20
 MAX_SAMPLES = 4
+MAX_SEED = 2**32 - 1
+MAX_TARGET_KB = 50_000  # the upload limit is 50 MB
 QUEUE_SIZE = 8
+MAX_SESSIONS = 16  # visitors whose state the server keeps (the oldest goes first): at most 5 images each
+STATE_TTL_S = 900  # a visitor's compress() result expires after this
 START_RHO = 0.9
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = sorted(p for p in ASSETS.iterdir() if p.suffix in (".jpg", ".png"))
@@ -90,6 +96,42 @@ def _generator(seed) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(seed or 0))
 
 
+def max_steps(pipe) -> int:
+    """The steps slider's top: MAX_STEPS, or the tuned steps at the starting ρ if more."""
+    return max(MAX_STEPS, tuned_settings(pipe, START_RHO)[0])
+
+
+def _number(name: str, value, low: float, high: float, integer: bool = False):
+    """``value`` within the page's bounds [low, high] (a whole number with ``integer``): API calls bypass the sliders."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not low <= number <= high or (integer and not number.is_integer()):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise _error(f"{name} must be {'a whole number' if integer else 'a number'} from {low} to {high}, "
+                     f"got {shown}.")
+    return int(number) if integer else number
+
+
+def _decoding(pipe, rho, steps, noise_scale, seed) -> tuple[float, int, float, int]:
+    """(ρ, steps, γ, seed) checked against the decoding controls' bounds; an empty seed is 0."""
+    return (_number("ρ", rho, 0, 1), _number("Steps", steps, 1, max_steps(pipe), integer=True),
+            _number("γ", noise_scale, 0, 1), _number("Seed", 0 if seed is None else seed, 0, MAX_SEED, integer=True))
+
+
+_outputs: deque = deque()  # compress()'s folders, oldest first
+
+
+def _output_folder() -> Path:
+    """A new folder for one compress() call's files; only the newest QUEUE_SIZE are kept (Gradio copies the
+    files into its own cache when the call returns)."""
+    _outputs.append(Path(tempfile.mkdtemp(prefix="cdc-")))
+    while len(_outputs) > QUEUE_SIZE:
+        shutil.rmtree(_outputs.popleft(), ignore_errors=True)
+    return _outputs[-1]
+
+
 def _steps(steps) -> str:
     return "1 step" if int(steps) == 1 else f"{int(steps)} steps"
 
@@ -134,6 +176,11 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
 
     Returns (slider showing ``left`` | ``right``, readout markdown, .cdc path, reconstruction PNG path, result):
     the result (a dict) holds every image, so :func:`compare`, :func:`rho_strip` and :func:`rd_plot` recompute nothing."""
+    quality = _number("Quality", quality, 0, pipe.num_quality_levels - 1)
+    target_kb = _number("Target size (KB)", target_kb or 0, 0, MAX_TARGET_KB)
+    if match != "none" and match not in MATCHES:
+        raise _error(f"Cannot match {str(match)[:40]!r}: choose none or one of {', '.join(MATCHES)}.")
+    rho, steps, noise_scale, seed = _decoding(pipe, rho, steps, noise_scale, seed)
     source, original = _load(image)
     progress(0, desc="Encoding")
     budget, target = None, ""
@@ -182,7 +229,7 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
         "",
         "JPEG, WebP and AVIF: the largest file of each not above ours. Pick any two to compare above the table.",
     ])
-    folder = Path(tempfile.mkdtemp(prefix="cdc-"))
+    folder = _output_folder()
     cdc_path, png_path = folder / f"{source.stem}.cdc", folder / f"{source.stem}-cdc.png"
     cdc_path.write_bytes(data)
     recon.save(png_path)
@@ -214,13 +261,14 @@ def _psnr_lpips(original, image) -> tuple:
 
 def _need(result):
     if not result:
-        raise _error("Compress an image first.")
+        raise _error(f"Compress an image first (a result is kept for {STATE_TTL_S // 60} minutes).")
 
 
 def rho_strip(pipe, result, rho, steps, noise_scale, seed, progress=gr.Progress()):
     """The one file of ``result`` decoded at ρ = 0, 0.5, 0.9 (the checkpoint's tuned steps and γ) and at the chosen
     ρ with the chosen settings. Returns (gallery of (image, caption), markdown table with the times)."""
     _need(result)
+    rho, steps, noise_scale, seed = _decoding(pipe, rho, steps, noise_scale, seed)
     settings = [(r, *pipe.decode_settings(r)) for r in STRIP_RHOS if abs(r - float(rho)) > 1e-6]
     settings = sorted(settings + [(float(rho), int(steps), float(noise_scale))])
     original, data = result["images"]["Original"], result["data"]
@@ -289,6 +337,8 @@ def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.P
     """Decode a ``.cdc`` file with ``samples`` consecutive seeds. Returns (gallery, info markdown)."""
     if file is None:
         raise _error("Upload a .cdc file first.")
+    rho, steps, noise_scale, seed = _decoding(pipe, rho, steps, noise_scale, seed)
+    samples = _number("Samples", samples, 1, MAX_SAMPLES, integer=True)
     data = Path(file).read_bytes()
     try:
         header, _, _ = unpack(data)
@@ -318,7 +368,7 @@ def decompress(pipe, file, rho, steps, noise_scale, seed, samples, progress=gr.P
 def build_demo(pipe, checkpoint=None) -> gr.Blocks:
     """The page for one loaded pipeline (``checkpoint``: its folder, for the bitrate labels)."""
     start_steps, start_gamma = tuned_settings(pipe, START_RHO)
-    steps_max = max(MAX_STEPS, start_steps)
+    steps_max = max_steps(pipe)
 
     def follow_rho(rho):
         return tuned_settings(pipe, rho)
@@ -339,7 +389,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
             "steps (Yang & Mandt, NeurIPS 2023). ρ trades distortion for realism: 0 gives the highest PSNR "
             "(smoother), 1 the most realistic texture, synthesised by the decoder."
         )
-        result = gr.State(None, time_to_live=3600)  # compress()'s images, per visitor
+        result = gr.State(None, time_to_live=STATE_TTL_S)  # compress()'s images, per visitor (MAX_SESSIONS at most)
         with gr.Tab("Compress"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -353,11 +403,12 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                     quality.change(functools.partial(quality_label, levels_bpp), quality, expected,
                                    show_progress="hidden", api_name=False, concurrency_limit=None)
                     with gr.Row():
-                        target_kb = gr.Number(0, minimum=0, label="…or a target size in KB (0: use the quality)")
+                        target_kb = gr.Number(0, minimum=0, maximum=MAX_TARGET_KB,
+                                              label="…or a target size in KB (0: use the quality)")
                         match = gr.Dropdown(["none", *MATCHES], value="none",
                                             label="…or the size of a classical file of this image")
                     rho, steps, gamma = decoding_controls()
-                    seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                     run = gr.Button("Compress", variant="primary", elem_id="compress-button")
                 with gr.Column(scale=2):
                     with gr.Row():
@@ -393,7 +444,7 @@ def build_demo(pipe, checkpoint=None) -> gr.Blocks:
                 with gr.Column(scale=1):
                     upload = gr.File(label=".cdc file", file_types=[".cdc"], type="filepath", elem_id="cdc-upload")
                     d_rho, d_steps, d_gamma = decoding_controls()
-                    d_seed = gr.Number(0, precision=0, minimum=0, label="First seed")
+                    d_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="First seed")
                     samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1,
                                         label="Samples (consecutive seeds: the texture the decoder synthesises)")
                     d_run = gr.Button("Decompress", variant="primary", elem_id="decompress-button")

@@ -92,6 +92,9 @@ class _FixedSizePipe:
     def decompress(self, data, num_inference_steps=None, rho=0.9, generator=None, noise_scale=None, progress=True):
         return self.image
 
+    def decode_settings(self, rho):
+        return 1, 1.0
+
 
 def test_compress_classical_at_most_our_size(photo):
     _, readout, _, _, result = ui.compress(_FixedSizePipe(3000), str(photo), 0, 0.9, 1, 1.0, 0)
