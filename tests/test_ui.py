@@ -143,7 +143,7 @@ def test_compress_errors(tiny_pipeline, tmp_path):
     assert f"the limit is {2048 * 2048} pixels" in _error(ui.compress, tiny_pipeline, str(big), 0, 0.9, 1, 1.0, 0)
     ok = tmp_path / "ok.png"
     Image.new("RGB", (32, 32)).save(ok)
-    assert "rho must be in [0, 1]" in _error(ui.compress, tiny_pipeline, str(ok), 0, 7, 1, 1.0, 0)  # an API call
+    assert "ρ must be a number from 0 to 1, got 7" in _error(ui.compress, tiny_pipeline, str(ok), 0, 7, 1, 1.0, 0)  # an API call
 
 
 def test_rho_strip_one_file_several_rhos(tiny_pipeline, compressed):
@@ -259,7 +259,7 @@ def test_decompress_errors(tiny_pipeline, compressed, photo, tmp_path):
     huge.write_bytes(pack(Header(b"\0" * 8, 0, 4096, 4096, 4096, 4096), b"z", b"y"))
     assert "2048×2048" in _error(ui.decompress, tiny_pipeline, str(huge), 0.9, 2, 1.0, 0, 1)
     message = _error(ui.decompress, tiny_pipeline, compressed[2], 0.9, 2, -1.0, 0, 1)  # an API call's bad γ
-    assert "noise_scale must be in [0, 1]" in message
+    assert "γ must be a number from 0 to 1" in message
 
 
 def test_build_demo(tiny_pipeline):
