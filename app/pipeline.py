@@ -123,12 +123,17 @@ class CDCPipeline(DiffusionPipeline):
 
     @property
     def model_id(self) -> bytes:
-        """8-byte hash of the compressor's and UNet's configs, weights and coding tables (as fp32 on the CPU)."""
+        """8-byte hash of the compressor's and UNet's configs, weights and coding tables (as fp32 on the CPU).
+
+        Config entries added after files were written are left out at the value that reproduces the
+        earlier model (a module's ``ID_NEUTRAL_CONFIG``), so that those files keep their id."""
         if self._model_id is None:
             self._entropy_coder()  # a model without coding tables gets them first
             h = hashlib.sha256()
             for module in (self.compressor, self.unet):
-                config = {k: v for k, v in module.config.items() if not k.startswith("_")}
+                neutral = getattr(module, "ID_NEUTRAL_CONFIG", {})
+                config = {k: v for k, v in module.config.items() if not k.startswith("_")
+                          and not (k in neutral and json.dumps(v, default=list) == json.dumps(neutral[k]))}
                 h.update(json.dumps(config, sort_keys=True, default=list).encode())
                 for name, tensor in sorted(module.state_dict().items()):
                     h.update(name.encode())

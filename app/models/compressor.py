@@ -77,6 +77,8 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         base_channels: widths of the x_base synthesis stages at H/2 and H; () = none (the first checkpoints).
     """
 
+    ID_NEUTRAL_CONFIG = {"base_channels": []}  # added later; at [] the model is the one earlier files came from
+
     @register_to_config
     def __init__(
         self,
