@@ -1,6 +1,7 @@
 """Speed, size and memory of the codec on one image, or of a training step (timing only, never quality).
 
     python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--rho R] [--steps K] [--size 768x512] [--repeats 3]
+                        [--no-reference] [--tile-batch B]
     python -m app.bench --train [--device cpu|cuda] [--json] [--train-steps 5] [--train-batch 32] [--train-crop 256]
                                 [--fused-adam] [--channels-last] [--compile]
 
@@ -13,7 +14,9 @@ The image is a deterministic synthetic one. Without a checkpoint the default con
 runs with random weights (labelled so): the speed is the same, the picture is not. Each timing
 is the median of ``--repeats`` runs after one warm-up run; CUDA is synchronised around each.
 The reference is one forward of the paper-sized UNet (base width 64 at full resolution,
-multipliers 1-6, no pixel-unshuffle) on the same image size, with random weights.
+multipliers 1-6, no pixel-unshuffle) on the same image size, with random weights (``--no-reference``
+skips it). Images larger than one tile are coded in tiles (``app.tiling``); the UNet forward is then
+one window's, and ``--tile-batch`` sets the windows per UNet call.
 """
 
 from __future__ import annotations
@@ -37,14 +40,19 @@ PAPER_UNET = {"unshuffle": 1, "block_out_channels": (64, 128, 192, 256, 320, 384
 
 
 def synthetic_image(width: int, height: int) -> Image.Image:
-    """A fixed photo-like test card: smooth gradients, edges and fine noise."""
+    """A fixed photo-like test card: smooth gradients, edges and fine noise (made in bands of rows, so that a
+    large one costs little more memory than its pixels)."""
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    r = 0.5 + 0.4 * np.sin(7 * x + 3 * y)
-    g = 0.5 + 0.4 * np.cos(5 * y - 2 * x) * (x < 0.6)
-    b = 0.3 + 0.5 * ((x - 0.5) ** 2 + (y - 0.3) ** 2 < 0.05)
-    img = np.stack([r, g, b], axis=-1) + rng.normal(0, 0.04, (height, width, 3))
-    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    out = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, 256):
+        rows = min(256, height - top)
+        y, x = np.mgrid[top:top + rows, 0:width] / max(width, height)
+        r = 0.5 + 0.4 * np.sin(7 * x + 3 * y)
+        g = 0.5 + 0.4 * np.cos(5 * y - 2 * x) * (x < 0.6)
+        b = 0.3 + 0.5 * ((x - 0.5) ** 2 + (y - 0.3) ** 2 < 0.05)
+        band = np.stack([r, g, b], axis=-1) + rng.normal(0, 0.04, (rows, width, 3))
+        out[top:top + rows] = (np.clip(band, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def _sync(device: torch.device) -> None:
@@ -81,17 +89,23 @@ def gflops(module: torch.nn.Module, args, kwargs) -> float:
     return counter.get_total_flops() / 1e9
 
 
+class _Captured(Exception):
+    pass
+
+
 def capture_unet_inputs(pipe, data: bytes) -> tuple[tuple, dict]:
-    """The (args, kwargs) of the UNet's first call during a one-step decode."""
+    """The (args, kwargs) of the UNet's first call during a one-step decode (which stops there)."""
     captured = []
 
     def hook(module, args, kwargs):
-        if not captured:
-            captured.append((args, kwargs))
+        captured.append((args, kwargs))
+        raise _Captured
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         pipe.decompress(data, num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False)
+    except _Captured:
+        pass
     finally:
         handle.remove()
     return captured[0]
@@ -136,6 +150,7 @@ def load(checkpoint: str | None, device: str):
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pipe, weights = load(args.checkpoint, args.device)
+    pipe.tile_batch = args.tile_batch
     steps, noise_scale = pipe.decode_settings(args.rho)
     steps = args.steps or steps
     level = pipe.num_quality_levels // 2
@@ -158,15 +173,20 @@ def run(args: argparse.Namespace) -> dict:
     unet_args, unet_kwargs = capture_unet_inputs(pipe, data)
     with torch.no_grad():
         forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
+    megapixels = img.width * img.height / 1e6
     return {
         "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
         "level": level, "bpp": bits_per_pixel(data), "rho": args.rho, "steps": steps, "noise_scale": noise_scale, "repeats": args.repeats,
+        "tiled": pipe.tiled(*pipe._padded_size(data)), "tile_size": pipe.tile_size, "tile_margin": pipe.tile_margin,
+        "tile_batch": pipe.tile_batch, "unet_input": list(unet_args[0].shape),
         "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
+        "encode_s_per_mpx": encode_s / megapixels, "decode_s_per_mpx": decode_s / megapixels,
         "unet_params": count_params(pipe.unet), "compressor_params": count_params(pipe.compressor),
         "unet_gflops": gflops(pipe.unet, unet_args, unet_kwargs),
         "memory": {"kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
                    "before_mib": mem_before, "peak_mib": mem_peak},
-        "paper_unet": reference_unet(img.width, img.height, device, pipe.unet.dtype, args.repeats),
+        "paper_unet": None if args.no_reference else reference_unet(img.width, img.height, device, pipe.unet.dtype,
+                                                                     args.repeats),
     }
 
 
@@ -176,17 +196,18 @@ def report(r: dict) -> str:
         f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads",
         f"weights: {r['weights']}",
         f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
-        f"encode        {r['encode_s']:.3f} s",
+        f"tiles         {'windows of %d px, margin %d, %d per UNet call' % (r['tile_size'], r['tile_margin'], r['tile_batch']) if r['tiled'] else 'none (one window)'}",
+        f"encode        {r['encode_s']:.3f} s ({r['encode_s_per_mpx']:.3f} s/Mpx)",
         f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, K = {r['steps']}, γ = {r['noise_scale']:g}: "
-        f"{r['decode_per_step_s']:.3f} s/step "
-        f"(UNet forward alone {r['unet_forward_s']:.3f} s)",
+        f"{r['decode_per_step_s']:.3f} s/step, {r['decode_s_per_mpx']:.3f} s/Mpx "
+        f"(UNet forward alone on {'x'.join(map(str, r['unet_input'][-2:]))}: {r['unet_forward_s']:.3f} s)",
         f"UNet          {r['unet_params'] / 1e6:.2f} M params, {r['unet_gflops']:.4g} GFLOPs/forward; "
         f"compressor {r['compressor_params'] / 1e6:.2f} M params",
         f"memory        {r['memory']['kind']}: {r['memory']['before_mib']:.0f} MiB before, "
         f"{r['memory']['peak_mib']:.0f} MiB peak",
+    ] + ([] if ref is None else [
         f"paper UNet    {ref['params'] / 1e6:.2f} M params, {ref['gflops']:.4g} GFLOPs/forward, "
-        f"{ref['forward_s']:.3f} s/forward ({ref['forward_s'] / r['unet_forward_s']:.1f}x ours)",
-    ])
+        f"{ref['forward_s']:.3f} s/forward ({ref['forward_s'] / r['unet_forward_s']:.1f}x ours)"]))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -260,6 +281,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value at ρ)")
     p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    p.add_argument("--no-reference", action="store_true", help="skip the paper-sized UNet (slow at large sizes)")
+    p.add_argument("--tile-batch", type=int, default=1, help="windows per UNet call in tiled decoding (default 1)")
     p.add_argument("--train", action="store_true", help="time the training step instead of the codec")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
@@ -275,8 +298,8 @@ def main(argv=None) -> dict:
         p.error("--steps must be at least 1")
     if not 0 <= args.rho <= 1:
         p.error("--rho must lie in [0, 1]")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    if args.repeats < 1 or args.tile_batch < 1:
+        p.error("--repeats and --tile-batch must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     from app.pipeline import CheckpointError

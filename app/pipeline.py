@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepSchedu
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import bitstream
+from . import bitstream, tiling
 from .bitstream import BitstreamError
 from .images import MAX_PIXELS, load_image
 from .models.compressor import STRIDE, CDCCompressor
@@ -38,6 +38,9 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint folder that is missing or cannot be loaded."""
 
 
+TILE_SIZE = 1024  # window side (pixels) of tiled coding
+TILE_MARGIN = 64  # UNet context per interior tile side (pixels)
+JOINT_TILES, STATS_PASSES = 4, 2  # GroupNorm statistics of tiled decodes: see app.tiling
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.
@@ -98,6 +101,13 @@ class CDCPipeline(DiffusionPipeline):
         table = UNTUNED_DECODE if decode_defaults is None else decode_defaults
         self.register_to_config(decode_defaults=check_decode_defaults(table))
         self.max_pixels = MAX_PIXELS
+        # Images whose padded sides exceed tile_size are encoded and decoded in windows of that side (app.tiling).
+        self.tile_size = TILE_SIZE
+        self.tile_margin = TILE_MARGIN  # UNet context per interior side, measured by scripts/seam_check.py
+        self.tile_batch = 1  # windows per UNet call after the first batch
+        self.joint_tiles = JOINT_TILES  # at most this many windows: one batch, with the whole image's GroupNorm statistics
+        self.stats_passes = STATS_PASSES  # otherwise: passes that estimate them (app.tiling)
+        self._analysis_margin = None
         self.last_probes = 0  # encodes run by the last compress() (1, or a bisection's count)
         self._coder = None
         self._model_id = None
@@ -141,6 +151,10 @@ class CDCPipeline(DiffusionPipeline):
             self._model_id = h.digest()[:8]
         return self._model_id
 
+    def tiled(self, pad_height: int, pad_width: int) -> bool:
+        """Whether an image of this padded size is coded in tiles (larger than one tile on a side)."""
+        return max(pad_height, pad_width) > self.tile_size
+
     def _entropy_coder(self) -> CDCCompressor:
         """The compressor's fp32 CPU twin, which runs the exact entropy path.
 
@@ -158,11 +172,13 @@ class CDCPipeline(DiffusionPipeline):
     def weights_changed(self) -> None:
         """The weights changed (training): refit the coding tables on next use and forget the model id."""
         self._coder = None
+        self._analysis_margin = None
         self._model_id = None
         self._refit = True
 
     def to(self, *args, **kwargs):
         self._coder = None
+        self._analysis_margin = None
         return super().to(*args, **kwargs)
 
     # -- codec ------------------------------------------------------------------------------
@@ -193,8 +209,14 @@ class CDCPipeline(DiffusionPipeline):
         width, height = img.size
         m = self.multiple
         pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
-        x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")
-        features = self.compressor.g_a(x.to(self.device, self.compressor.dtype))
+        if self.tiled(pad_h, pad_w):
+            if self._analysis_margin is None:
+                self._analysis_margin = tiling.analysis_margin(self.compressor)
+            features = tiling.analysis_tiled(self.compressor, np.asarray(img), pad_h, pad_w, self.tile_size,
+                                             self._analysis_margin)
+        else:
+            x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")
+            features = self.compressor.g_a(x.to(self.device, self.compressor.dtype))
 
         self.last_probes = 0
 
@@ -271,10 +293,22 @@ class CDCPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be ≥ 1, got {steps}")
         if not 0.0 <= gamma <= 1.0:  # also rejects NaN
             raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
+        if self.tiled(*self._padded_size(data)):
+            header, y_fx = self.decode_latent(data)
+            q = torch.tensor([header.quality_x100 / 100], device=self.device)
+            decoder = tiling.TiledDecoder(self, self.tile_size, self.tile_margin, self.tile_batch, self.joint_tiles,
+                                          self.stats_passes)
+            pixels = decoder(to_float(y_fx), q, header.height, header.width, float(rho), steps, gamma, generator)
+            return PIL.Image.fromarray(pixels, "RGB")
         header, content, x_base = self.decode_content(data)
         self.set_progress_bar_config(disable=not progress)
         x = self.denoise(content, x_base, float(rho), steps, gamma, generator)
         return tensor_to_image(x[:, :, : header.height, : header.width])
+
+    @staticmethod
+    def _padded_size(data: bytes) -> tuple[int, int]:
+        header = bitstream.unpack(data)[0]
+        return header.pad_height, header.pad_width
 
     @torch.no_grad()
     def decode_content(self, data: bytes) -> tuple[bitstream.Header, list[torch.Tensor], torch.Tensor]:

@@ -74,3 +74,11 @@ def test_train_throughput_with_the_speed_flags(tiny_pipeline_dir):
                          "--fused-adam", "--channels-last", "--compile"])
     assert result["train_speed"] == ["--fused-adam", "--channels-last", "--compile"]
     assert result["train_crops_per_s"] > 0 and result["train_warmup_s"] > 0 and result["train_warmup_steps"] == 1
+
+
+def test_bench_tiled_without_reference(tiny_pipeline_dir, capsys):
+    result = bench.main(["--checkpoint", str(tiny_pipeline_dir), "--size", "1100x130", "--steps", "1", "--repeats", "1",
+                         "--no-reference", "--tile-batch", "2"])
+    out = capsys.readouterr().out
+    assert result["paper_unet"] is None and "paper UNet" not in out and "windows of 1024 px" in out
+    assert result["tiled"] and result["unet_input"][-1] < 1152 and result["decode_s_per_mpx"] > 0
