@@ -12,6 +12,14 @@ codecs are swept over ``app.classical.SWEEP_QUALITIES``. Comparisons:
   metric, for PSNR and for LPIPS (scored as −LPIPS so that higher is better); negative = we
   need fewer bits for the same quality.
 
+Realism (issue #28; off with ``--no-realism``): DISTS and LPIPS-VGG of every CDC decode, and of
+JPEG, WebP and AVIF at our size (per image and level, the largest file not above ours:
+``matched``), with their BD-rates on those points; FID and KID per level over the 256² patches of
+all images plus a grid shifted by half a patch (FID/256), for CDC at each ρ and for each codec at
+our size, and the same between the patches of the odd and even originals (``realism_floor``: what
+two halves of the same set score). ``--gallery DIR`` writes crops beside each other:
+original | CDC per ρ | AVIF and JPEG at our size, at 2× zoom.
+
 The JSON holds the config, machine, per-image rows, means and comparisons; stdout gets a
 markdown table, progress goes to stderr.
 """
@@ -35,7 +43,15 @@ from app import classical
 from app.images import image_files
 
 METRICS = ("psnr", "ms_ssim", "lpips")
+REALISM = ("dists", "lpips_vgg")  # per image, with the VGG16; FID and KID are per set
 DEFAULT_RHOS = (0.0, 0.9)
+GALLERY_IMAGES = ("kodim14.png", "kodim04.png", "kodim19.png")
+# Published Kodak points (bpp, LPIPS-alex, DISTS), drawn on the plot as references.
+ANCHORS = {
+    "MS-ILLM (NeuralCompression results.csv)": [(0.081, 0.110, 0.109), (0.153, 0.073, 0.081), (0.296, 0.045, 0.062)],
+    "HiFiC (DiffEIC results.xlsx)": [(0.079, 0.179, 0.153), (0.149, 0.093, 0.104)],
+    "RDEIC, 2 steps (DiffEIC results.xlsx)": [(0.066, 0.123, 0.088), (0.121, 0.086, 0.061)],
+}
 
 
 # -- curve maths ---------------------------------------------------------------------------
@@ -96,13 +112,57 @@ def decode_plan(pipe, rhos, steps: int | None, noise_scale: float | None) -> dic
     return plan
 
 
-def evaluate_ours(pipe, images: dict, levels, plan: dict, seed: int) -> list[dict]:
-    """One row per (image, level, ρ) with the real file's rate, metrics and timings; ``plan``: ρ → (K, γ)."""
+class Sets:
+    """Inception features of the patches of each decoded set, per (codec, level, ρ), for FID/KID."""
+
+    def __init__(self, images: dict, device: str, patch: int):
+        from app.metrics import PatchFID
+
+        self.fid = PatchFID([], device=device, patch=patch)
+        self.real = {name: self.fid.features([img]) for name, img in images.items()}
+        self.fake: dict[tuple, dict] = {}
+
+    def add(self, key: tuple, name: str, image) -> None:
+        self.fake.setdefault(key, {})[name] = self.fid.features([image])
+
+    def scores(self, key: tuple, resamples: int = 50) -> dict:
+        """FID/KID of one set against the originals of the same images; ``fid_std``: FID's std over
+        ``resamples`` bootstrap draws of the images (paired, seeded)."""
+        import torch
+
+        from app.metrics import frechet_distance
+
+        names = sorted(self.fake[key])
+
+        def stacked(ns):  # (real, fake) features of the images ns
+            return tuple(torch.cat([d[n] for n in ns]) for d in (self.real, self.fake[key]))
+
+        scores = {**self.fid.fid_kid(*reversed(stacked(names))), "n": len(names), "fid_std": None}
+        if scores["fid"] is not None and len(names) > 1:
+            g = torch.Generator().manual_seed(0)
+            draws = [[names[i] for i in torch.randint(len(names), (len(names),), generator=g)] for _ in range(resamples)]
+            scores["fid_std"] = float(np.std([frechet_distance(*stacked(ns)) for ns in draws]))
+        return scores
+
+    def floor(self) -> dict:
+        """FID/KID between the patches of the odd and the even originals: the scores of two halves of one set."""
+        import torch
+
+        names = sorted(self.real)
+        halves = [torch.cat([self.real[n] for n in names[i::2]] or [self.fid.features([])]) for i in (0, 1)]
+        return {**self.fid.fid_kid(halves[0], halves[1]), "n": len(names)}
+
+
+def evaluate_ours(pipe, images: dict, levels, plan: dict, seed: int, sets: Sets | None = None) -> list[dict]:
+    """One row per (image, level, ρ) with the real file's rate, metrics and timings; ``plan``: ρ → (K, γ).
+
+    With ``sets``: DISTS and LPIPS-VGG too, and each decode's patch features for FID/KID."""
     import torch
 
     from app.bitstream import bits_per_pixel
     from app.metrics import image_metrics
 
+    realism = sets is not None
     rows = []
     for i, (name, img) in enumerate(images.items()):
         for level in levels:
@@ -116,8 +176,11 @@ def evaluate_ours(pipe, images: dict, levels, plan: dict, seed: int) -> list[dic
                 decode_s = time.perf_counter() - t0
                 rows.append({
                     "codec": "cdc", "image": name, "level": level, "rho": rho, "bytes": len(data),
-                    "bpp": bits_per_pixel(data), **image_metrics(img, out), "encode_s": encode_s, "decode_s": decode_s,
+                    "bpp": bits_per_pixel(data), **image_metrics(img, out, dists=realism, lpips_vgg=realism),
+                    "encode_s": encode_s, "decode_s": decode_s,
                 })
+                if realism:
+                    sets.add(("cdc", level, rho), name, out)
             _log(f"[cdc] {i + 1}/{len(images)} {name} level {level}: {rows[-1]['bpp']:.3f} bpp")
     return rows
 
@@ -135,6 +198,25 @@ def evaluate_classical(images: dict, codecs) -> list[dict]:
                     **image_metrics(img, r.image), "encode_s": r.encode_s, "decode_s": r.decode_s,
                 })
             _log(f"[{codec}] {i + 1}/{len(images)} {name}")
+    return rows
+
+
+def evaluate_matched(images: dict, ours: list[dict], codecs, sets: Sets) -> list[dict]:
+    """Per (codec, image, level): the codec's largest file not above ours, with every metric (none
+    where the codec cannot go that small); its patch features go to ``sets``."""
+    from app.metrics import image_metrics
+
+    budgets = {(r["image"], r["level"]): r["bytes"] for r in ours}
+    rows = []
+    for codec in codecs:
+        for (name, level), max_bytes in budgets.items():
+            r = classical.encode_at_most(images[name], codec, max_bytes)
+            if r is None:
+                continue
+            rows.append({"codec": codec, "image": name, "level": level, "quality": r.quality, "bytes": len(r.data),
+                         "bpp": r.bpp, **image_metrics(images[name], r.image, dists=True, lpips_vgg=True)})
+            sets.add((codec, level, None), name, r.image)
+        _log(f"[{codec}] at our size: {sum(r['codec'] == codec for r in rows)} of {len(budgets)} files")
     return rows
 
 
@@ -156,9 +238,43 @@ def summarise(rows: list[dict]) -> list[dict]:
     means = []
     for (codec, level, rho, quality), group in groups.items():
         setting = {"codec": codec, **({"level": level, "rho": rho} if codec == "cdc" else {"quality": quality})}
-        fields = ("bytes", "bpp", *METRICS, "encode_s", "decode_s")
+        fields = ("bytes", "bpp", *METRICS, *(f for f in REALISM if f in group[0]), "encode_s", "decode_s")
         means.append({**setting, "n": len(group), **{f: _mean(r[f] for r in group) for f in fields}})
     return means
+
+
+def summarise_matched(rows: list[dict]) -> list[dict]:
+    """Means per (codec, level) of the files at our size; ``n``: the images the codec could go that small on."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["codec"], row["level"]), []).append(row)
+    return [{"codec": c, "level": lv, "n": len(g), **{f: _mean(r[f] for r in g) for f in ("bpp", *METRICS, *REALISM)}}
+            for (c, lv), g in groups.items()]
+
+
+def realism_scores(sets: Sets) -> list[dict]:
+    """FID/KID per (codec, level, ρ) set, against the originals of the same images."""
+    out = []
+    for key in sets.fake:
+        codec, level, rho = key
+        out.append({"codec": codec, "level": level, "rho": rho, **sets.scores(key)})
+        _log(f"[fid] {codec} level {level}" + ("" if rho is None else f" ρ {rho:g}") + f": FID {_fmt(out[-1]['fid'], 1)}")
+    return out
+
+
+def bd_rates_realism(means: list[dict], matched: list[dict], codecs) -> list[dict]:
+    """BD-rate (%) of ours per ρ vs each codec's files at our size, for DISTS and LPIPS-VGG (both scored as −value)."""
+    out = []
+    for rho in sorted({m["rho"] for m in means if m["codec"] == "cdc"}):
+        ours = [m for m in means if m["codec"] == "cdc" and m["rho"] == rho]
+        for codec in codecs:
+            ref = [m for m in matched if m["codec"] == codec]
+            entry = {"rho": rho, "codec": codec}
+            for metric in REALISM:
+                entry[metric] = bd_rate([m["bpp"] for m in ref], [None if m[metric] is None else -m[metric] for m in ref],
+                                        [m["bpp"] for m in ours], [None if m.get(metric) is None else -m[metric] for m in ours])
+            out.append(entry)
+    return out
 
 
 def equal_rate(rows: list[dict], codecs) -> list[dict]:
@@ -279,6 +395,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
         lines.append("\nBD-rate: bits we need vs the codec at equal PSNR or LPIPS on the mean curves (negative = we need"
                      " fewer; – where the curves do not overlap).")
+    if result.get("realism") is not None:
+        lines += ["", realism_markdown(result)]
     fractional = [c for c in result.get("continuous", []) if c["bd_rate_fractional_vs_levels_psnr"] is not None]
     if fractional:
         lines += ["", "| ρ | bpp monotone in quality | PSNR monotone | BD-rate of fractional qualities vs levels "
@@ -291,36 +409,175 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def realism_markdown(result: dict) -> str:
+    """The realism table: DISTS, LPIPS-VGG, FID and KID of ours and of the codecs at our size, and their BD-rates."""
+    codecs = result["config"]["codecs"]
+    names = " / ".join(_name(c) for c in codecs)
+    sets = {(r["codec"], r["level"], r["rho"]): r for r in result["realism"]}
+    matched = {(m["codec"], m["level"]): m for m in result["matched"]}
+    columns = (("dists", "DISTS", 3), ("lpips_vgg", "LPIPS-VGG", 3), ("fid", "FID", 1), ("kid", "KID×10³", 1))
+    head = "| level | ρ | bpp | " + " | ".join(c[1] for c in columns) + " |"
+    if codecs:
+        head += "".join(f" {label} {names} at our size |" for _, label, _ in columns)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    num = result["config"]["num_images"]
+    partial = False
+
+    def value(entry, metric, digits):
+        if entry is None or entry.get(metric) is None:
+            return "–"
+        return _fmt(entry[metric] * (1000 if metric == "kid" else 1), digits)
+
+    for m in sorted((m for m in result["means"] if m["codec"] == "cdc"), key=lambda m: (m["level"], m["rho"])):
+        ours = {**m, **{k: sets.get(("cdc", m["level"], m["rho"]), {}).get(k) for k in ("fid", "kid")}}
+        line = f"| {m['level']} | {m['rho']:g} | {_fmt(m['bpp'], 3)} | " + " | ".join(
+            value(ours, k, d) for k, _, d in columns) + " |"
+        for metric, _, digits in columns if codecs else ():
+            parts = []
+            for c in codecs:
+                entry = matched.get((c, m["level"]))
+                if metric in ("fid", "kid"):
+                    entry = sets.get((c, m["level"], None))
+                star = "*" if entry is not None and entry["n"] < num else ""
+                partial |= bool(star)
+                parts.append(value(entry, metric, digits) + star)
+            line += " " + " / ".join(parts) + " |"
+        lines.append(line)
+    floor = result["realism_floor"]
+    patches = next((r["patches"] for r in result["realism"] if r["codec"] == "cdc"), None)
+    fid_std = _mean(r.get("fid_std") for r in result["realism"])
+    lines.append(f"\nCodecs at our size: per image, the largest file not above ours (– where none is that small"
+                 + ("; \\* over the images where one is, see `n` in the JSON" if partial else "")
+                 + f"). FID and KID over {patches} patches of {result['config']['fid_patch']}² (a grid and a grid "
+                 f"shifted by half a patch) against the same images' originals; FID's bootstrap std over the images "
+                 f"is {_fmt(fid_std, 1)} on average. The odd originals against the even ones score FID "
+                 f"{_fmt(floor['fid'], 1)}, KID×10³ {value(floor, 'kid', 1)} (± {_fmt((floor['kid_std'] or 0) * 1000, 1)}): "
+                 "at this count FID carries a large small-sample bias, KID (unbiased) does not.")
+    if result["bd_rate_realism"]:
+        heads = " | ".join(f"BD-rate vs {_name(c)} (DISTS / LPIPS-VGG)" for c in codecs)
+        lines += ["", f"| ρ | {heads} |", "|---|" + "---|" * len(codecs)]
+        for rho in sorted({b["rho"] for b in result["bd_rate_realism"]}):
+            cells = []
+            for c in codecs:
+                b = next(b for b in result["bd_rate_realism"] if b["rho"] == rho and b["codec"] == c)
+                cells.append(" / ".join("–" if b[k] is None else f"{b[k]:+.1f}%" for k in REALISM))
+            lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+        lines.append("\nBD-rate against the codecs' files at our size (their mean bpp per level).")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> None:
-    """bpp vs PSNR and bpp vs LPIPS for every codec, ours per ρ."""
+    """bpp vs PSNR and LPIPS-alex for every codec's sweep and ours per ρ; with realism also LPIPS-VGG,
+    DISTS, FID and KID (codecs at our size), and the published anchors on LPIPS-alex and DISTS."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = result["means"]
+    means, codecs = result["means"], result["config"]["codecs"]
+    realism = result.get("realism") is not None
     ours_max = max((m["bpp"] for m in means if m["codec"] == "cdc"), default=1.0)
     xmax = max(1.0, 1.25 * ours_max)
-    series = [(_name(c), [m for m in means if m["codec"] == c], "--")
-              for c in result["config"]["codecs"]]
-    for rho in sorted({m["rho"] for m in means if m["codec"] == "cdc"}):
-        ms = [m for m in means if m["codec"] == "cdc" and m["rho"] == rho]
-        series.append((f"CDC ρ={rho:g}", sorted(ms, key=lambda m: m["level"]), "-"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, label in zip(axes, ("psnr", "lpips"), ("PSNR (dB) ↑", "LPIPS-alex ↓")):
+    rhos = sorted({m["rho"] for m in means if m["codec"] == "cdc"})
+    cdc = {rho: sorted((m for m in means if m["codec"] == "cdc" and m["rho"] == rho), key=lambda m: m["level"])
+           for rho in rhos}
+    panels = [("psnr", "PSNR (dB) ↑"), ("lpips", "LPIPS-alex ↓")]
+    if realism:
+        panels += [("lpips_vgg", "LPIPS-VGG ↓"), ("dists", "DISTS ↓"), ("fid", "FID/256 ↓"), ("kid", "KID/256 ↓")]
+        sets = {(r["codec"], r["level"], r["rho"]): r for r in result["realism"]}
+        bpp = {(m["codec"], m["level"]): m["bpp"] for m in result["matched"]}
+        bpp.update({("cdc", m["level"]): m["bpp"] for ms in cdc.values() for m in ms})
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(11, 4.2 * len(panels) // 2), squeeze=False)
+    for ax, (metric, label) in zip(axes.flat, panels):
+        series = []
+        for c in codecs:
+            if metric in ("psnr", "lpips"):
+                ms = [m for m in means if m["codec"] == c]
+            elif metric in REALISM:
+                ms = [m for m in result["matched"] if m["codec"] == c]
+            else:
+                ms = [{"bpp": bpp[(c, r["level"])], metric: r[metric]} for k, r in sets.items()
+                      if k[0] == c and (c, r["level"]) in bpp]
+            series.append((_name(c), ms, "--"))
+        for rho in rhos:
+            ms = cdc[rho] if metric not in ("fid", "kid") else [
+                {"bpp": m["bpp"], metric: sets.get(("cdc", m["level"], rho), {}).get(metric)} for m in cdc[rho]]
+            series.append((f"CDC ρ={rho:g}", ms, "-"))
         for name, ms, style in series:
-            pts = sorted((m["bpp"], m[metric]) for m in ms if m[metric] is not None and m["bpp"] <= xmax)
+            pts = sorted((m["bpp"], m[metric]) for m in ms if m.get(metric) is not None and m["bpp"] <= xmax)
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, label=name)
+        if metric in ("lpips", "dists"):
+            for (source, points), marker in zip(ANCHORS.items(), "s^D"):
+                column = 1 if metric == "lpips" else 2
+                ax.scatter([p[0] for p in points], [p[column] for p in points], marker=marker, color="k",
+                           facecolors="none", zorder=3, label=source)
+            ax.legend(fontsize=7)
         ax.set(xlabel="bits per pixel", ylabel=label, xlim=(0, xmax))
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{result['config']['data_name']}: {result['config']['num_images']} images, "
-                 + ", ".join(f"ρ={d['rho']:g}: K={d['steps']}, γ={d['noise_scale']:g}" for d in result["config"]["decode"]))
+                 + ", ".join(f"ρ={d['rho']:g}: K={d['steps']}, γ={d['noise_scale']:g}" for d in result["config"]["decode"])
+                 + ("; codecs at our size in the realism panels" if realism else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- gallery --------------------------------------------------------------------------------
+GALLERY_CROPS = {  # (left, top, right, bottom): faces and lettering, a face, a fence and a lighthouse
+    "kodim14.png": (440, 250, 640, 430), "kodim04.png": (130, 300, 330, 480), "kodim19.png": (200, 330, 400, 510),
+}
+
+
+def _crop_box(name: str, img, size=(200, 180)) -> tuple:
+    if name in GALLERY_CROPS:
+        return GALLERY_CROPS[name]
+    w, h = min(size[0], img.width), min(size[1], img.height)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return left, top, left + w, top + h
+
+
+def gallery(pipe, paths, levels, plan: dict, seed: int, out: Path, zoom: int = 2) -> list[Path]:
+    """Per image and level, a PNG strip of the same crop at ``zoom``× (nearest): original | CDC at each ρ |
+    AVIF and JPEG at our size (largest file not above ours), each labelled with its bpp, DISTS and LPIPS."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    from app.bitstream import bits_per_pixel
+    from app.images import load_image
+    from app.metrics import dists_distance, lpips_distance
+
+    font = ImageFont.load_default(size=15)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in paths:
+        img = load_image(path)
+        box = _crop_box(path.name, img)
+        for level in levels:
+            data = pipe.compress(img, quality=level)
+            panels = [("original", img)]
+            for rho, (steps, noise_scale) in plan.items():
+                decoded = pipe.decompress(data, steps, rho, torch.Generator().manual_seed(seed), noise_scale, progress=False)
+                panels.append((f"CDC ρ={rho:g} {bits_per_pixel(data):.3f} bpp", decoded))
+            for codec in ("avif", "jpeg"):
+                r = classical.encode_at_most(img, codec, len(data))
+                if r is not None:
+                    panels.append((f"{_name(codec)} q{r.quality} {r.bpp:.3f} bpp", r.image))
+            cw, ch = (box[2] - box[0]) * zoom, (box[3] - box[1]) * zoom
+            strip = Image.new("RGB", (cw * len(panels), ch + 40), "white")
+            draw = ImageDraw.Draw(strip)
+            for i, (label, image) in enumerate(panels):
+                strip.paste(image.crop(box).resize((cw, ch), Image.NEAREST), (i * cw, 40))
+                if image is not img:
+                    label += f"\nDISTS {_fmt(dists_distance(img, image), 3)} · LPIPS {_fmt(lpips_distance(img, image), 3)}"
+                draw.multiline_text((i * cw + 6, 2), label, fill="black", font=font, spacing=2)
+            target = out / f"{path.stem}-level{_quality(level)}.png"
+            strip.save(target)
+            written.append(target)
+            _log(f"[gallery] {target}")
+    return written
 
 
 def _cpu_name() -> str:
@@ -359,7 +616,7 @@ def _finite(obj):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of images (e.g. Kodak)")
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--out", type=Path, help="JSON file to write (required unless only --gallery is wanted)")
     p.add_argument("--checkpoint", help="pipeline folder (default: the default checkpoint)")
     p.add_argument("--levels", type=float, nargs="+", help="qualities, fractions allowed (default: the whole levels)")
     p.add_argument("--sweep", type=int, help="instead of --levels: this many qualities evenly over [0, Q-1]")
@@ -372,7 +629,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="noise seed of every decode")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--plot", type=Path, help="PNG file for the rate-distortion plot")
+    p.add_argument("--no-realism", action="store_true",
+                   help="PSNR, MS-SSIM and LPIPS-alex only: no DISTS, LPIPS-VGG, FID or KID (much faster)")
+    p.add_argument("--fid-patch", type=int, default=256, help="patch side for FID/KID (default 256: FID/256)")
+    p.add_argument("--gallery", type=Path, help="folder for crops of a few images at two levels, side by side")
+    p.add_argument("--gallery-images", nargs="+", default=list(GALLERY_IMAGES), help="file names in --data")
+    p.add_argument("--gallery-levels", type=float, nargs="+", default=[1, 3], help="qualities of the gallery")
     args = p.parse_args(argv)
+    if args.out is None and args.gallery is None:
+        p.error("give --out (evaluation) and/or --gallery")
+    if args.fid_patch < 8:
+        p.error("--fid-patch must be at least 8")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     if args.steps is not None and args.steps < 1:
@@ -390,7 +657,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     paths = list_images(args.data, args.limit)
     from app.images import ImageError, load_image
-    from app.pipeline import DEFAULT_CHECKPOINT, CheckpointError, load_pipeline
+    from app.pipeline import CheckpointError, load_pipeline
 
     try:
         pipe = load_pipeline(args.checkpoint, device=args.device)
@@ -401,26 +668,50 @@ def main(argv=None) -> dict:
         levels = [_quality(v) for v in np.linspace(0, top, args.sweep)]
     else:
         levels = list(range(top + 1)) if args.levels is None else [_quality(v) for v in args.levels]
-    bad = [lv for lv in levels if not 0 <= lv <= top]
+    bad = [lv for lv in [*levels, *args.gallery_levels] if not 0 <= lv <= top]
     if bad:
         raise SystemExit(f"error: levels {bad} out of range 0..{top}")
     plan = decode_plan(pipe, args.rhos, args.steps, args.noise_scale)
-    try:
-        images = {p.name: load_image(p) for p in paths}
-    except ImageError as e:
-        raise SystemExit(f"error: {e}") from None
+    result = {}
+    if args.out is not None:
+        try:
+            images = {p.name: load_image(p) for p in paths}
+        except ImageError as e:
+            raise SystemExit(f"error: {e}") from None
+        result = run(args, pipe, images, levels, plan)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        if args.plot:
+            plot(result, args.plot)
+        print(markdown(result))
+        _log(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else "") + f" in {result['elapsed_s']:.0f} s")
+    if args.gallery is not None:
+        names = [args.data / n for n in args.gallery_images if (args.data / n).is_file()]
+        if not names:
+            raise SystemExit(f"error: none of {args.gallery_images} in {args.data}")
+        gallery(pipe, names, [_quality(v) for v in args.gallery_levels], plan, args.seed, args.gallery)
+    return result
+
+
+def run(args, pipe, images: dict, levels, plan: dict) -> dict:
+    """The evaluation of ``main``: rows, means, comparisons, realism and timings, JSON-safe."""
+    from app.pipeline import DEFAULT_CHECKPOINT
 
     t0 = time.perf_counter()
-    rows = evaluate_ours(pipe, images, levels, plan, args.seed)
+    phases = {}
+    sets = None if args.no_realism else Sets(images, args.device, args.fid_patch)
+    rows = evaluate_ours(pipe, images, levels, plan, args.seed, sets)
+    phases["cdc_s"] = time.perf_counter() - t0
     rows += evaluate_classical(images, args.codecs)
+    phases["classical_sweep_s"] = time.perf_counter() - t0 - sum(phases.values())
     means = summarise(rows)
     result = {
         "config": {
             "data": str(args.data), "data_name": args.data.name, "num_images": len(images),
-            "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT), "model_id": pipe.model_id.hex(),
-            "levels": levels, "rhos": args.rhos, "seed": args.seed,
+            "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT), "model_id": pipe.model_id.hex(), "levels": levels, "rhos": args.rhos, "seed": args.seed,
             "decode": [{"rho": r, "steps": k, "noise_scale": g} for r, (k, g) in plan.items()],
             "codecs": args.codecs, "qualities": {c: list(classical.SWEEP_QUALITIES[c]) for c in args.codecs},
+            "fid_patch": args.fid_patch,
         },
         "machine": machine_info(args.device),
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -431,15 +722,18 @@ def main(argv=None) -> dict:
         "bd_rate": bd_rates(means, args.codecs),
         "continuous": continuity(means),
     }
+    if sets is not None:
+        first = [r for r in rows if r["codec"] == "cdc" and r["rho"] == args.rhos[0]]  # one file per (image, level)
+        result["matched_rows"] = evaluate_matched(images, first, args.codecs, sets)
+        result["matched"] = summarise_matched(result["matched_rows"])
+        phases["matched_s"] = time.perf_counter() - t0 - sum(phases.values())
+        result["realism"] = realism_scores(sets)
+        result["realism_floor"] = sets.floor()
+        result["bd_rate_realism"] = bd_rates_realism(means, result["matched"], args.codecs)
+        phases["fid_kid_s"] = time.perf_counter() - t0 - sum(phases.values())
     result["elapsed_s"] = time.perf_counter() - t0
-    result = _finite(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    if args.plot:
-        plot(result, args.plot)
-    print(markdown(result))
-    _log(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else "") + f" in {result['elapsed_s']:.0f} s")
-    return result
+    result["phases_s"] = phases
+    return _finite(result)
 
 
 if __name__ == "__main__":
