@@ -549,7 +549,9 @@ def gallery(pipe, paths, levels, plan: dict, seed: int, out: Path, zoom: int = 2
     from app.images import load_image
     from app.metrics import dists_distance, lpips_distance
 
-    font = ImageFont.load_default(size=15)
+    from matplotlib import font_manager
+
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 15)  # has ρ; Pillow's default font does not
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in paths:
