@@ -44,6 +44,7 @@ SIDES = ("Original", "CDC", *CODEC_NAMES.values())  # what each side of the comp
 START_PAIR = ("AVIF", "CDC")  # the visitor's question: better than AVIF at the same size?
 STRIP_RHOS = (0.0, 0.5, 0.9)  # the ρ strip: one file, several reconstructions
 PLOT_RHOS = (0.0, 0.9)  # the CDC curves of the rate–distortion plot
+DISTS_MAX_PIXELS = 768 * 512  # DISTS (a VGG16 pass per image) on larger uploads: both downscaled to Kodak's size
 
 
 MATCHES = {"JPEG q75": ("jpeg", 75), "WebP q75": ("webp", 75), "AVIF q50": ("avif", 50)}  # our file at their size
@@ -142,7 +143,7 @@ def _fmt(value, digits: int) -> str:
 
 def _row(name: str, setting: str, data: bytes, bpp: float, m: dict) -> str:
     return (f"| {name} | {setting} | {len(data):,} | {bpp:.3f} | {_fmt(m['psnr'], 2)} "
-            f"| {_fmt(m['ms_ssim'], 4)} | {_fmt(m['lpips'], 4)} |")
+            f"| {_fmt(m['ms_ssim'], 4)} | {_fmt(m['lpips'], 4)} | {_fmt(m['dists'], 4)} |")
 
 
 def tuned_settings(pipe, rho):
@@ -204,7 +205,7 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
     bpp = bits_per_pixel(data)
 
     progress(0.6, desc="Metrics and classical codecs")
-    m = metrics.image_metrics(original, recon)
+    m = _metrics(original, recon)
     rows = [_row("**CDC**", f"quality {level:g}", data, bpp, m)]
     images, missing = {"Original": original, "CDC": recon}, {}
     for codec in classical.CODECS:
@@ -212,22 +213,24 @@ def compress(pipe, image, quality, rho, steps, noise_scale, seed, target_kb=0, m
         found = classical.encode_at_most(original, codec, len(data))
         if found is None:
             missing[name] = f"no {name} file ≤ {len(data):,} bytes"
-            rows.append(f"| {name} | {missing[name]} | | | | | |")
+            rows.append(f"| {name} | {missing[name]} | | | | | | |")
             continue
         images[name] = found.image
         rows.append(_row(name, f"quality {found.quality}", found.data, found.bpp,
-                         metrics.image_metrics(original, found.image)))
+                         _metrics(original, found.image)))
 
     readout = "\n".join([
         f"**{len(data):,} bytes · {bpp:.3f} bpp** ({original.width}×{original.height}) — "
         f"encoded in {encode_s:.2f} s{target}, decoded in {decode_s:.2f} s "
         f"({_steps(steps)}, γ = {float(noise_scale):.2f}, ρ = {float(rho):.2f}, seed {int(seed or 0)})",
         "",
-        "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ |",
-        "|---|---|---|---|---|---|---|",
+        "| codec | setting | bytes | bpp | PSNR (dB) ↑ | MS-SSIM ↑ | LPIPS ↓ | DISTS ↓ |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "JPEG, WebP and AVIF: the largest file of each not above ours. Pick any two to compare above the table.",
+        "JPEG, WebP and AVIF: the largest file of each not above ours. Pick any two to compare above the table."
+        + ("" if original.width * original.height <= DISTS_MAX_PIXELS else
+           f" DISTS: both images downscaled to {DISTS_MAX_PIXELS:,} pixels."),
     ])
     folder = _output_folder()
     cdc_path, png_path = folder / f"{source.stem}.cdc", folder / f"{source.stem}-cdc.png"
@@ -253,6 +256,12 @@ def compare(result, left, right) -> dict:
     return gr.update(value=tuple(shown), label=" | ".join(labels))
 
 
+def _metrics(original, image) -> dict:
+    """The table's metrics: PSNR, MS-SSIM, LPIPS and DISTS (at most DISTS_MAX_PIXELS)."""
+    m = metrics.image_metrics(original, image)
+    return {**m, "dists": metrics.dists_distance(original, image, max_pixels=DISTS_MAX_PIXELS)}
+
+
 def _psnr_lpips(original, image) -> tuple:
     """(PSNR, LPIPS or None) of ``image`` against ``original``: the two figures the strip and the plot show."""
     x, y = np.asarray(original), np.asarray(image)
@@ -273,7 +282,7 @@ def rho_strip(pipe, result, rho, steps, noise_scale, seed, progress=gr.Progress(
     settings = sorted(settings + [(float(rho), int(steps), float(noise_scale))])
     original, data = result["images"]["Original"], result["data"]
     gallery = []
-    rows = ["| ρ | steps | γ | PSNR (dB) ↑ | LPIPS ↓ | decode (s) |", "|---|---|---|---|---|---|"]
+    rows = ["| ρ | steps | γ | PSNR (dB) ↑ | LPIPS ↓ | DISTS ↓ | decode (s) |", "|---|---|---|---|---|---|---|"]
     t_all = time.perf_counter()
     for i, (r, k, gamma) in enumerate(settings):
         progress(i / len(settings), desc=f"Decoding at ρ = {r:g}")
@@ -281,8 +290,10 @@ def rho_strip(pipe, result, rho, steps, noise_scale, seed, progress=gr.Progress(
         image = _decode(pipe, data, k, r, seed, gamma)
         seconds = time.perf_counter() - t0
         psnr, lpips = _psnr_lpips(original, image)
-        gallery.append((image, f"ρ = {r:g}: PSNR {_fmt(psnr, 2)} dB, LPIPS {_fmt(lpips, 3)} ({_steps(k)}, γ = {gamma:.2f})"))
-        rows.append(f"| {r:g} | {k} | {gamma:.2f} | {_fmt(psnr, 2)} | {_fmt(lpips, 4)} | {seconds:.2f} |")
+        dists = metrics.dists_distance(original, image, max_pixels=DISTS_MAX_PIXELS)
+        gallery.append((image, f"ρ = {r:g}: PSNR {_fmt(psnr, 2)} dB, LPIPS {_fmt(lpips, 3)}, DISTS {_fmt(dists, 3)} "
+                               f"({_steps(k)}, γ = {gamma:.2f})"))
+        rows.append(f"| {r:g} | {k} | {gamma:.2f} | {_fmt(psnr, 2)} | {_fmt(lpips, 4)} | {_fmt(dists, 4)} | {seconds:.2f} |")
     total = time.perf_counter() - t_all
     info = (f"One file ({len(data):,} bytes, {bits_per_pixel(data):.3f} bpp), {len(settings)} reconstructions "
             f"(seed {int(seed or 0)}) in {total:.2f} s with their metrics.")

@@ -104,6 +104,7 @@ def test_compress_classical_at_most_our_size(photo):
         quality, size = int(row[2].split()[1]), int(row[3].replace(",", ""))
         data = classical.encode(original, codec, quality)
         assert len(data) == size <= 3000 and result["images"][name].tobytes() == classical.decode(data).tobytes()
+        assert 0 < float(row[8]) < 1  # DISTS
     assert "| **CDC** | quality 0 | 3,000 | 3.906 | inf |" in readout
     _, readout, _, _, result = ui.compress(_FixedSizePipe(100), str(photo), 0, 0.9, 1, 1.0, 0)
     assert sorted(result["images"]) == ["CDC", "Original"]
@@ -187,6 +188,7 @@ def test_tiny_images_say_na(tiny_pipeline, tmp_path, size):
     assert cdc_row[6].strip() == cdc_row[7].strip() == "n/a"  # MS-SSIM and LPIPS cannot be computed
     gallery, info = ui.rho_strip(tiny_pipeline, result, 0.9, 1, 0.5, 0)
     assert len(gallery) == 3 and "LPIPS n/a" in gallery[0][1]
+    assert (cdc_row[8].strip() == "n/a") == (min(size) < 16) and ("DISTS n/a" in gallery[0][1]) == (min(size) < 16)
     figure, _ = ui.rd_plot(tiny_pipeline, result)
     assert figure.axes[1].get_title().startswith("LPIPS: n/a")
 
