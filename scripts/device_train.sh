@@ -14,8 +14,9 @@
 #     tar -xf cdc.tar -C runs/ gives runs/cdc with log.jsonl (and tune.json with TUNE=1); everything the
 #     round prints (the throughput lines first) also comes back whole as $OUT/round.log.
 # Environment, with defaults:
-#   LAMBDAS=""  rate weights per level; empty: the resumed checkpoint's set (training_state.json), which
-#       scripts/respace_levels.py matched to its levels' rates (0.05–0.6 bpp)
+#   LAMBDAS=""  λ per level in compressai's convention (λ·255²·MSE + bpp); empty: the resumed checkpoint's set
+#       (training_state.json; a set stored in the first checkpoints' convention is converted)
+#   STAGE=joint  app.train's --stage (compressor, denoiser or joint)
 #   CONFIGS="32; 32 --fused-adam --channels-last; 128 --fused-adam --channels-last"  "BATCH [FLAGS]; ...";
 #       with --compile the compile time shows in train_warmup_s, and training pays it again
 #   SAFE="32"  BATCH [FLAGS] of the fallback      DEADLINE=570  seconds after the start, for a 600 s call
@@ -63,7 +64,7 @@ best=${best:-$safe}
 train() {  # SECONDS BATCH [FLAGS...] [app.train args...]
   local seconds=$1 batch=$2; shift 2
   timeout $((seconds + 120)) python3 -m app.train --data .data/train --val .data/val --val-count 2 --out "$work/cdc" \
-    --device "$device" --crop 256 --val-every-minutes 4 --save-every-minutes 3 ${lambdas:+--lambdas $lambdas} \
+    --device "$device" --stage "${STAGE:-joint}" --crop 256 --val-every-minutes 4 --save-every-minutes 3 ${lambdas:+--lambdas $lambdas} \
     --max-minutes "$(awk -v s="$seconds" 'BEGIN { print s / 60 }')" --batch-size "$batch" \
     --lr-scaling sqrt --warmup-crops 9600 "$@" 2>&1 | grep -v -i warn
   return "${PIPESTATUS[0]}"
