@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 8192 * 8192  # tiled coding keeps memory bounded (README, "Large images"): 67 MP within 1.5 GB
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 

@@ -298,7 +298,9 @@ class CDCPipeline(DiffusionPipeline):
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
             decoder = tiling.TiledDecoder(self, self.tile_size, self.tile_margin, self.tile_batch, self.joint_tiles,
                                           self.stats_passes)
-            pixels = decoder(to_float(y_fx), q, header.height, header.width, float(rho), steps, gamma, generator)
+            y_hat = to_float(y_fx)
+            del y_fx  # the window loop holds ŷ once
+            pixels = decoder(y_hat, q, header.height, header.width, float(rho), steps, gamma, generator)
             return PIL.Image.fromarray(pixels, "RGB")
         header, content, x_base = self.decode_content(data)
         self.set_progress_bar_config(disable=not progress)
