@@ -114,6 +114,16 @@ class WholeNoise:
         return torch.stack(bands)[None]
 
 
+class _DrawnNoise:
+    """The whole image's noise, drawn at once (a GPU generator or dtype whose draws cannot be replayed in pieces)."""
+
+    def __init__(self, whole: torch.Tensor):
+        self.whole = whole
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.whole[:, :, start:stop]
+
+
 class SharedGroupNorm:
     """The UNet's GroupNorms with statistics shared by every tile, inside a ``with`` block.
 
@@ -261,10 +271,11 @@ class TiledDecoder:
         return self.out
 
     def _noise(self, shape, generator, starts):
-        if generator is None or generator.device.type == "cpu" and self.pipe.unet.dtype == torch.float32:
+        """ε as the untiled decode draws it: replayed by bands where the draw is a CPU float32 one, else whole."""
+        on_cpu = (generator.device if generator is not None else self.pipe.device).type == "cpu"
+        if on_cpu and self.pipe.unet.dtype == torch.float32:
             return WholeNoise(shape, generator, starts)
-        whole = randn_tensor(shape, generator=generator, device=self.pipe.device, dtype=self.pipe.unet.dtype)
-        return type("Whole", (), {"rows": lambda self, a, b: whole[:, :, a:b]})()
+        return _DrawnNoise(randn_tensor(shape, generator=generator, device=self.pipe.device, dtype=self.pipe.unet.dtype))
 
     def _content(self, r, c):
         """Content pyramid and x_base on window (r, c), from the latent window that holds its reach."""

@@ -140,8 +140,8 @@ def test_compress_errors(tiny_pipeline, tmp_path):
     message = _error(ui.compress, tiny_pipeline, str(garbage), 0, 0.9, 1, 1.0, 0)
     assert "not a readable image" in message and str(tmp_path) not in message
     big = tmp_path / "big.png"
-    Image.new("L", (2049, 2048)).save(big)
-    assert f"the limit is {2048 * 2048} pixels" in _error(ui.compress, tiny_pipeline, str(big), 0, 0.9, 1, 1.0, 0)
+    Image.new("L", (ui.MAX_SIDE + 1, ui.MAX_SIDE)).save(big)
+    assert f"the limit is {ui.MAX_PIXELS} pixels" in _error(ui.compress, tiny_pipeline, str(big), 0, 0.9, 1, 1.0, 0)
     ok = tmp_path / "ok.png"
     Image.new("RGB", (32, 32)).save(ok)
     assert "ρ must be a number from 0 to 1, got 7" in _error(ui.compress, tiny_pipeline, str(ok), 0, 7, 1, 1.0, 0)  # an API call
@@ -200,9 +200,9 @@ def test_large_and_16_bit_uploads(tiny_pipeline, tmp_path):
     _, readout, _, png, result = ui.compress(tiny_pipeline, str(gray16), 1, 0.9, 1, 0.5, 0)
     assert Image.open(png).size == (64, 48) and result["images"]["Original"].mode == "RGB" and "64×48" in readout
     big = tmp_path / "big.jpg"
-    synthetic_image(2048, 2048).save(big, quality=90)
+    synthetic_image(ui.MAX_SIDE, ui.MAX_SIDE).save(big, quality=90)  # the largest the page takes: tiled
     _, readout, _, png, _ = ui.compress(tiny_pipeline, str(big), 0, 0.9, 1, 0.5, 0)
-    assert Image.open(png).size == (2048, 2048) and "2048×2048" in readout
+    assert Image.open(png).size == (ui.MAX_SIDE,) * 2 and f"{ui.MAX_SIDE}×{ui.MAX_SIDE}" in readout
 
 
 def test_errors_are_plain_text(tiny_pipeline, tmp_path):
@@ -259,7 +259,7 @@ def test_decompress_errors(tiny_pipeline, compressed, photo, tmp_path):
     assert "not a .cdc file" in _error(ui.decompress, tiny_pipeline, str(photo), 0.9, 2, 1.0, 0, 1)
     huge = tmp_path / "huge.cdc"
     huge.write_bytes(pack(Header(b"\0" * 8, 0, 4096, 4096, 4096, 4096), b"z", b"y"))
-    assert "2048×2048" in _error(ui.decompress, tiny_pipeline, str(huge), 0.9, 2, 1.0, 0, 1)
+    assert f"{ui.MAX_SIDE}×{ui.MAX_SIDE}" in _error(ui.decompress, tiny_pipeline, str(huge), 0.9, 2, 1.0, 0, 1)
     message = _error(ui.decompress, tiny_pipeline, compressed[2], 0.9, 2, -1.0, 0, 1)  # an API call's bad γ
     assert "γ must be a number from 0 to 1" in message
 
