@@ -104,7 +104,7 @@ class CDCPipeline(DiffusionPipeline):
         # Images whose padded sides exceed tile_size are encoded and decoded in windows of that side (app.tiling).
         self.tile_size = TILE_SIZE
         self.tile_margin = TILE_MARGIN  # UNet context per interior side, measured by scripts/seam_check.py
-        self.tile_batch = 1  # windows per UNet call after the first batch
+        self.tile_batch = 1  # windows per UNet call when not joint (batching did not pay on a 2-core CPU)
         self.joint_tiles = JOINT_TILES  # at most this many windows: one batch, with the whole image's GroupNorm statistics
         self.stats_passes = STATS_PASSES  # otherwise: passes that estimate them (app.tiling)
         self._analysis_margin = None
