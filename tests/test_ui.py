@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -23,8 +24,13 @@ def photo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_pipeline, photo):
-    return ui.compress(tiny_pipeline, str(photo), 0, 0.9, 2, 1.0, 0)
+def compressed(tiny_pipeline, photo, tmp_path_factory):
+    """compress()'s outputs, its .cdc copied out of the page's folder, which later calls prune."""
+    out = list(ui.compress(tiny_pipeline, str(photo), 0, 0.9, 2, 1.0, 0))
+    kept = tmp_path_factory.mktemp("compressed") / Path(out[2]).name
+    shutil.copy(out[2], kept)
+    out[2] = str(kept)
+    return tuple(out)
 
 
 def _error(fn, *args) -> str:
