@@ -356,6 +356,19 @@ def _name(codec: str) -> str:
     return {"webp": "WebP"}.get(codec, codec.upper())
 
 
+def _bd_table(rates: list[dict], codecs, keys, label: str) -> list[str]:
+    """Markdown rows: per ρ, the BD-rate of ours vs each codec on ``keys``."""
+    heads = " | ".join(f"BD-rate vs {_name(c)} ({label})" for c in codecs)
+    lines = ["", f"| ρ | {heads} |", "|---|" + "---|" * len(codecs)]
+    for rho in sorted({b["rho"] for b in rates}):
+        cells = []
+        for c in codecs:
+            b = next(b for b in rates if b["rho"] == rho and b["codec"] == c)
+            cells.append(" / ".join("–" if b[k] is None else f"{b[k]:+.1f}%" for k in keys))
+        lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     """The README table: our operating points, the codecs at equal rate, and BD-rates."""
     codecs = result["config"]["codecs"]
@@ -385,14 +398,7 @@ def markdown(result: dict) -> str:
         lines.append("\nClassical codecs interpolated at our per-image bpp (– where a codec cannot reach that rate"
                      + ("; \\* only over the images where it can, see `n` in the JSON" if partial else "") + ").")
     if result["bd_rate"]:
-        heads = " | ".join(f"BD-rate vs {_name(c)} (PSNR / LPIPS)" for c in codecs)
-        lines += ["", f"| ρ | {heads} |", "|---|" + "---|" * len(codecs)]
-        for rho in sorted({b["rho"] for b in result["bd_rate"]}):
-            cells = []
-            for c in codecs:
-                b = next(b for b in result["bd_rate"] if b["rho"] == rho and b["codec"] == c)
-                cells.append(" / ".join("–" if b[k] is None else f"{b[k]:+.1f}%" for k in ("psnr", "lpips")))
-            lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+        lines += _bd_table(result["bd_rate"], codecs, ("psnr", "lpips"), "PSNR / LPIPS")
         lines.append("\nBD-rate: bits we need vs the codec at equal PSNR or LPIPS on the mean curves (negative = we need"
                      " fewer; – where the curves do not overlap).")
     if result.get("realism") is not None:
@@ -454,14 +460,7 @@ def realism_markdown(result: dict) -> str:
                  f"{_fmt(floor['fid'], 1)}, KID×10³ {value(floor, 'kid', 1)} (± {_fmt((floor['kid_std'] or 0) * 1000, 1)}): "
                  "at this count FID carries a large small-sample bias, KID (unbiased) does not.")
     if result["bd_rate_realism"]:
-        heads = " | ".join(f"BD-rate vs {_name(c)} (DISTS / LPIPS-VGG)" for c in codecs)
-        lines += ["", f"| ρ | {heads} |", "|---|" + "---|" * len(codecs)]
-        for rho in sorted({b["rho"] for b in result["bd_rate_realism"]}):
-            cells = []
-            for c in codecs:
-                b = next(b for b in result["bd_rate_realism"] if b["rho"] == rho and b["codec"] == c)
-                cells.append(" / ".join("–" if b[k] is None else f"{b[k]:+.1f}%" for k in REALISM))
-            lines.append(f"| {rho:g} | " + " | ".join(cells) + " |")
+        lines += _bd_table(result["bd_rate_realism"], codecs, REALISM, "DISTS / LPIPS-VGG")
         lines.append("\nBD-rate against the codecs' files at our size (their mean bpp per level).")
     return "\n".join(lines)
 
