@@ -42,9 +42,9 @@ def test_every_endpoint_enforces_the_page_bounds(tiny_pipeline, tiny_pipeline_di
     bomb = tmp_path / "bomb.png"  # declares 50,000 × 50,000 pixels
     ihdr = b"IHDR" + struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)))
-    evil = tmp_path / "evil.cdc"  # the 39-byte file: 2048², empty strings, correct CRC
-    header = bitstream.Header(tiny_pipeline.model_id, 2, 2048, 2048, 2048, 2048)
-    body = struct.pack(">4sB8sHHHHH4sII", bitstream.MAGIC, 2, header.model_id, 200, 2048, 2048, 2048, 2048,
+    evil = tmp_path / "evil.cdc"  # the 39-byte file (empty strings, correct CRC) at a size the page decodes
+    header = bitstream.Header(tiny_pipeline.model_id, 2, 1024, 1024, 1024, 1024)
+    body = struct.pack(">4sB8sHHHHH4sII", bitstream.MAGIC, 2, header.model_id, 200, 1024, 1024, 1024, 1024,
                        header.check, 0, 0)
     evil.write_bytes(body + struct.pack(">I", zlib.crc32(body)))
     good = tmp_path / "good.cdc"
