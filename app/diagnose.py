@@ -7,11 +7,14 @@ Per level, averaged over the photos (whole images, real ``.cdc`` files):
 * ``bpp``: 8 · file bytes / pixels;
 * ``psnr_base``: PSNR of the content decoder's x_base from the file's exact ŷ;
 * ``psnr_rho0``: PSNR of the decode at ρ = 0 with the checkpoint's decode defaults;
+* ``lpips_rho``: LPIPS-alex of the decode at ρ = ``REALISM_RHO`` (the realism the UNet stage moves);
 * ``psnr_ceiling``: x_base from the unquantised latent (ŷ = y, unlimited rate): what the transforms can
   represent at this level's gain at all;
 * ``active_channels``: latent channels that change x_base when set to their spatial mean (mean PSNR drop
   over the photos ≥ ``ACTIVE_DB``), measured on a centre crop of the latent;
 * ``inactive_bit_share``: the share of y's bits (the entropy model's, of the rounded ŷ) spent on the others.
+
+The decodes (``decode=False`` skips them) and the channel ablation (``channels=False``) are the slow parts.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import torch.nn.functional as F
 
 from .bitstream import BitstreamError, bits_per_pixel
 from .images import image_files, load_image
-from .metrics import psnr
+from .metrics import lpips_distance, psnr
 from .models.entropy_exact import to_float
 from .pipeline import CheckpointError, image_to_tensor, load_pipeline, tensor_to_image
 
 ACTIVE_DB = 0.02  # a channel is active if setting it to its mean costs x_base this much PSNR (dB)
 ABLATION_LATENT = 16  # side of the latent crop for the channel ablation (256² pixels at H/16)
 ABLATION_BATCH = 16
+REALISM_RHO = 0.9
 
 
 def _psnr01(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ def channel_drops(compressor, y_hat: torch.Tensor, x: torch.Tensor, q: torch.Ten
 
 
 @torch.no_grad()
-def measure(pipe, images, levels=None, decode: bool = True) -> dict:
+def measure(pipe, images, levels=None, decode: bool = True, channels: bool = True) -> dict:
     """The diagnostics per level (``levels``: default all) over ``images`` (PIL RGB): {"q0": {...}, ...}."""
     compressor = pipe.compressor
     was_training = compressor.training
@@ -83,7 +87,7 @@ def measure(pipe, images, levels=None, decode: bool = True) -> dict:
     rows = {}
     for level in levels:
         q = torch.tensor([level], device=pipe.device)
-        acc = {k: [] for k in ("bpp", "psnr_base", "psnr_rho0", "psnr_ceiling")}
+        acc = {k: [] for k in ("bpp", "psnr_base", "psnr_rho0", "lpips_rho", "psnr_ceiling")}
         drops, bits = [], []
         for img in images:
             data = pipe.compress(img, level)
@@ -93,18 +97,24 @@ def measure(pipe, images, levels=None, decode: bool = True) -> dict:
             if decode:
                 recon = pipe.decompress(data, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
                 acc["psnr_rho0"].append(psnr(img, recon))
+                recon = pipe.decompress(data, rho=REALISM_RHO, generator=torch.Generator().manual_seed(0),
+                                        progress=False)
+                acc["lpips_rho"].append(lpips_distance(img, recon))
             x = F.pad(image_to_tensor(img), (0, header.pad_width - img.width, 0, header.pad_height - img.height),
                       mode="replicate").to(pipe.device, compressor.dtype)
             y, y_hat, channel_bits = _latents(compressor, x, q)
             ceiling = compressor.content(y, q)[1][:, :, : img.height, : img.width]
             acc["psnr_ceiling"].append(_psnr01(ceiling, x[:, :, : img.height, : img.width]).item())
-            drops.append(channel_drops(compressor, y_hat, x, q))
+            if channels:
+                drops.append(channel_drops(compressor, y_hat, x, q))
             bits.append(channel_bits)
-        active = torch.stack(drops).mean(0) >= ACTIVE_DB
-        bits = torch.stack(bits).sum(0)
         rows[f"q{level}"] = {k: float(np.mean(v)) if v else None for k, v in acc.items()} | {
-            "active_channels": int(active.sum()), "channels": len(active),
-            "inactive_bit_share": float(bits[~active].sum() / bits.sum().clamp_min(1e-9))}
+            "active_channels": None, "channels": compressor.config.latent_channels, "inactive_bit_share": None}
+        if channels:
+            active = torch.stack(drops).mean(0) >= ACTIVE_DB
+            bits = torch.stack(bits).sum(0)
+            rows[f"q{level}"] |= {"active_channels": int(active.sum()),
+                                  "inactive_bit_share": float(bits[~active].sum() / bits.sum().clamp_min(1e-9))}
     compressor.train(was_training)
     return rows
 
@@ -113,12 +123,14 @@ def table(rows: dict) -> str:
     """The diagnostics as a markdown table."""
     def cell(v, digits):
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-    lines = ["| level | bpp | x_base PSNR | PSNR ρ0 | ceiling (ŷ = y) | active channels | bits on inactive |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| level | bpp | x_base PSNR | PSNR ρ0 | LPIPS ρ{REALISM_RHO:g} | ceiling (ŷ = y) | active channels "
+             "| bits on inactive |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        active = "–" if r["active_channels"] is None else f"{r['active_channels']}/{r['channels']}"
+        share = "–" if r["inactive_bit_share"] is None else f"{100 * r['inactive_bit_share']:.0f} %"
         lines.append(f"| {name[1:]} | {cell(r['bpp'], 3)} | {cell(r['psnr_base'], 2)} | {cell(r['psnr_rho0'], 2)} | "
-                     f"{cell(r['psnr_ceiling'], 2)} | {r['active_channels']}/{r['channels']} | "
-                     f"{100 * r['inactive_bit_share']:.0f} % |")
+                     f"{cell(r['lpips_rho'], 3)} | {cell(r['psnr_ceiling'], 2)} | "
+                     f"{active} | {share} |")
     return "\n".join(lines)
 
 
@@ -128,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="folder of photos (validation, never Kodak)")
     ap.add_argument("--count", type=int, default=8, help="photos to use (default 8)")
     ap.add_argument("--levels", type=int, nargs="+", help="quality levels (default all)")
-    ap.add_argument("--no-decode", action="store_true", help="skip the ρ = 0 decode (the UNet)")
+    ap.add_argument("--no-decode", action="store_true", help=f"skip the decodes at ρ = 0 and {REALISM_RHO:g} (the UNet)")
+    ap.add_argument("--no-channels", action="store_true", help="skip the channel ablation")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     try:
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
         images = [load_image(p) for p in image_files(args.data)[: args.count]]
         if not images:
             raise ValueError(f"no images in {args.data}")
-        rows = measure(pipe, images, args.levels, decode=not args.no_decode)
+        rows = measure(pipe, images, args.levels, decode=not args.no_decode, channels=not args.no_channels)
     except (CheckpointError, BitstreamError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

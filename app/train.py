@@ -409,7 +409,8 @@ def log_row(trainer: Trainer, out: dict, x: torch.Tensor, step: int, minutes: fl
 
 
 def validate(trainer: Trainer, images) -> dict:
-    """app.diagnose's numbers with the EMA weights (all levels; the ρ = 0 decode where the UNet trains)."""
+    """app.diagnose's numbers with the EMA weights (all levels; the decodes where the UNet trains, the channel
+    ablation where the compressor does)."""
     pipe = trainer.pipe
     trainer.ema.store(trainer.params)
     trainer.ema.copy_to(trainer.params)
@@ -418,7 +419,8 @@ def validate(trainer: Trainer, images) -> dict:
     pipe.compressor.eval()
     pipe.unet.eval()
     try:
-        return diagnose.measure(pipe, images, decode=trainer.stage != "compressor")
+        return diagnose.measure(pipe, images, decode=trainer.stage != "compressor",
+                                channels=trainer.stage != "denoiser")
     finally:
         pipe.compressor.train(modes[0])
         pipe.unet.train(modes[1])
