@@ -272,5 +272,25 @@ def test_checked_decoder_matches_compressai_on_escapes(tiny_pipeline):
         decode_checked(string[: len(string) // 2 // 4 * 4], indexes.view(-1).tolist(), *args)
 
 
+@pytest.mark.parametrize("escapes", [False, True])
+def test_coding_in_chunks_equals_one_call(tiny_pipeline, monkeypatch, escapes):
+    """Feeding the rANS coder CHUNK symbols at a time writes the string of one call and decodes the same symbols."""
+    from compressai import ans
+
+    from app.models import entropy_exact
+
+    tables = tiny_pipeline._entropy_coder().coding
+    gen = torch.Generator().manual_seed(1)
+    indexes = torch.randint(0, len(tables.y_cdf_length), (1, 16, 10, 10), generator=gen)
+    symbols = torch.randint(-3, 4, indexes.shape, generator=gen)
+    if escapes:
+        symbols.view(-1)[1234] = 50000
+    whole = ans.RansEncoder().encode_with_indexes(symbols.view(-1).int().tolist(), indexes.view(-1).int().tolist(),
+                                                  *tables._coder_args("y"))
+    monkeypatch.setattr(entropy_exact, "CHUNK", 97)
+    assert tables.encode("y", symbols, indexes) == whole
+    assert torch.equal(tables.decode("y", whole, indexes), symbols)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -43,6 +43,7 @@ CLAMP = float(1 << 24)  # inputs and activations are clamped to ±2^24 (a bound 
 _EXACT = 1 << 53  # integers below this are exact in float64
 RANS_L = 1 << 31  # compressai's rans64: the decoder's state is renormalised to at least this
 _PRECISION = 16  # compressai's CDFs sum to 2^16
+CHUNK = 1 << 20  # symbols per call into the rANS coder: Python lists of a whole large latent cost GBs
 
 
 class _IntegerConv:
@@ -159,10 +160,14 @@ class CodingTables(nn.Module):
         return [flat[a:b] for a, b in zip(starts, starts[1:])], lengths, getattr(self, f"{prefix}_offset").tolist()
 
     def encode(self, prefix: str, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
-        """Range-code integer ``symbols`` with CDF ``indexes`` (compressai's rANS coder)."""
-        return ans.RansEncoder().encode_with_indexes(
-            symbols.reshape(-1).int().tolist(), indexes.reshape(-1).int().tolist(), *self._coder_args(prefix)
-        )
+        """Range-code integer ``symbols`` with CDF ``indexes`` (compressai's rANS coder, fed ``CHUNK`` symbols at a
+        time: the same string as one call)."""
+        args = self._coder_args(prefix)
+        symbols, indexes = symbols.reshape(-1).int(), indexes.reshape(-1).int()
+        encoder = ans.BufferedRansEncoder()
+        for a in range(0, len(symbols), CHUNK):
+            encoder.encode_with_indexes(symbols[a:a + CHUNK].tolist(), indexes[a:a + CHUNK].tolist(), *args)
+        return encoder.flush()
 
     def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
         """The int64 symbols of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
@@ -173,18 +178,26 @@ class CodingTables(nn.Module):
         gains a last symbol of zero width) on the string padded with zero words to 2 + N words (N symbols): it
         stays inside that buffer whatever the bytes, and agrees with the real decoding up to the first escape.
         Only a string that meets one (a value outside the table) is decoded again, by :func:`decode_checked`.
+        The decoder continues one stream over calls of ``CHUNK`` symbols (the same symbols as one call).
         """
         if len(string) % 4 or len(string) < 8:
             raise ValueError(f"a rANS string is whole 32-bit words, at least two ({len(string)} bytes)")
-        flat = indexes.reshape(-1).long()
+        flat = indexes.reshape(-1).int()
         cdfs, lengths, offsets = self._coder_args(prefix)
-        padded = bytes(string) + bytes(max(0, 4 * (2 + len(flat)) - len(string)))
-        values = ans.RansDecoder().decode_with_indexes(
-            padded, flat.int().tolist(), [c + [1 << _PRECISION] for c in cdfs], [n + 1 for n in lengths], offsets)
-        symbols = torch.from_numpy(np.array(values, dtype=np.int64))
-        length, offset = (getattr(self, f"{prefix}_{name}").long() for name in ("cdf_length", "offset"))
-        if bool((symbols - offset[flat] == length[flat] - 2).any()):
-            symbols = torch.from_numpy(np.array(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=np.int64))
+        unreachable = [c + [1 << _PRECISION] for c in cdfs], [n + 1 for n in lengths], offsets
+        decoder = ans.RansDecoder()
+        decoder.set_stream(bytes(string) + bytes(max(0, 4 * (2 + len(flat)) - len(string))))
+        escape = (getattr(self, f"{prefix}_offset") + getattr(self, f"{prefix}_cdf_length") - 2).int()
+        symbols = torch.empty(len(flat), dtype=torch.int64)
+        escaped = False
+        for a in range(0, len(flat), CHUNK):
+            chunk = flat[a:a + CHUNK]
+            symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
+            escaped = escaped or bool((symbols[a:a + CHUNK] == escape[chunk]).any())
+            if escaped:
+                break
+        if escaped:
+            symbols = torch.tensor(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=torch.int64)
         return symbols.reshape(indexes.shape)
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
