@@ -189,15 +189,12 @@ class CodingTables(nn.Module):
         decoder.set_stream(bytes(string) + bytes(max(0, 4 * (2 + len(flat)) - len(string))))
         escape = (getattr(self, f"{prefix}_offset") + getattr(self, f"{prefix}_cdf_length") - 2).int()
         symbols = torch.empty(len(flat), dtype=torch.int64)
-        escaped = False
         for a in range(0, len(flat), CHUNK):
             chunk = flat[a:a + CHUNK]
             symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
-            escaped = escaped or bool((symbols[a:a + CHUNK] == escape[chunk]).any())
-            if escaped:
+            if bool((symbols[a:a + CHUNK] == escape[chunk]).any()):
+                symbols = torch.tensor(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=torch.int64)
                 break
-        if escaped:
-            symbols = torch.tensor(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=torch.int64)
         return symbols.reshape(indexes.shape)
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
