@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 8192 * 8192  # tiled coding keeps memory bounded (README, "Large images"): 67 MP within 1.5 GB
+MAX_PIXELS = 8192 * 8192  # tiled synthesis (README, "Large images"); 67 MP peaks near 4 GB (the whole-latent entropy path)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 
