@@ -9,6 +9,12 @@ objectives in [-1, 1]; ``mse01`` converts. Every loss is per sample, then averag
   first checkpoints were trained, w(t) = clip(SNR_t, 1, 5), P a perceptual distance (LPIPS);
 * :class:`JointLoss`: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4), which is the earlier one-stage
   loss λ_old·bpp + ‖x_base − x‖² + denoiser divided by λ_old, with λ = 4 / (255²·λ_old).
+
+One model serves every level, so a batch mixes levels and the per-sample form decides how much each
+level's distortion weighs in the shared weights: ``balanced=False`` (compressai's form) weighs level q
+by λ_q (the top level 32 times the lowest for the default set); ``balanced=True`` divides each sample
+by λ_q·255², bpp / (λ_q·255²) + MSE + …, so that every level's distortion weighs the same, as in the
+earlier one-stage loss (up to a constant); the optimum of each level is the same in both forms.
 """
 
 from __future__ import annotations
@@ -33,16 +39,22 @@ def old_to_compressai_lambdas(lambdas) -> list[float]:
 
 
 class RateDistortionLoss(nn.Module):
-    """The compressor stage: bpp + λ_q·255²·MSE(x_base, x)."""
+    """The compressor stage: bpp + λ_q·255²·MSE(x_base, x) (``balanced``: divided by λ_q·255²)."""
 
-    def __init__(self, lambdas):
+    def __init__(self, lambdas, balanced: bool = False):
         super().__init__()
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32), persistent=False)
+        self.balanced = balanced
+
+    def weigh(self, bpp: torch.Tensor, distortion: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from per-sample bpp and distortion (MSE in [0, 1] units)."""
+        lam = self.lambdas[q] * 255**2
+        return (bpp / lam + distortion).mean() if self.balanced else (bpp + lam * distortion).mean()
 
     def forward(self, out, x: torch.Tensor, q: torch.Tensor) -> dict:
         bpp = bits_per_pixel(out.likelihoods, x.shape[2] * x.shape[3])
         base_mse = mse01(out.x_base, x)
-        return {"loss": (bpp + self.lambdas[q] * 255**2 * base_mse).mean(), "bpp": bpp, "base_mse": base_mse}
+        return {"loss": self.weigh(bpp, base_mse, q), "bpp": bpp, "base_mse": base_mse}
 
 
 class DenoiserLoss(nn.Module):
@@ -64,14 +76,13 @@ class DenoiserLoss(nn.Module):
 class JointLoss(nn.Module):
     """Everything at once: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4)."""
 
-    def __init__(self, lambdas, snr_weight: torch.Tensor, perceptual: nn.Module):
+    def __init__(self, lambdas, snr_weight: torch.Tensor, perceptual: nn.Module, balanced: bool = False):
         super().__init__()
-        self.rate_distortion = RateDistortionLoss(lambdas)
+        self.rate_distortion = RateDistortionLoss(lambdas, balanced)
         self.denoiser = DenoiserLoss(snr_weight, perceptual)
 
     def forward(self, out, x0_hat, x, q, t, rho, lp) -> dict:
         rd = self.rate_distortion(out, x, q)
         dn = self.denoiser(x0_hat, x, t, rho, lp)
-        lam = self.rate_distortion.lambdas[q] * 255**2
-        loss = (rd["bpp"] + lam * (rd["base_mse"] + dn["per_sample"] / 4)).mean()
+        loss = self.rate_distortion.weigh(rd["bpp"], rd["base_mse"] + dn["per_sample"] / 4, q)
         return {**rd, **dn, "loss": loss}

@@ -187,11 +187,11 @@ class Trainer:
         snr_weight = (alphas / (1 - alphas)).clamp(1.0, 5.0)
         if self.stage == "compressor":
             self.lpips = None
-            self.objective = RateDistortionLoss(args.lambdas)
+            self.objective = RateDistortionLoss(args.lambdas, args.balance_levels)
         else:
             self.lpips = load_lpips(args.lpips_net, device=device).to(memory_format=self.memory_format)
             self.objective = (DenoiserLoss(snr_weight, self.lpips) if self.stage == "denoiser"
-                              else JointLoss(args.lambdas, snr_weight, self.lpips))
+                              else JointLoss(args.lambdas, snr_weight, self.lpips, args.balance_levels))
         self.objective.to(device)
         for module in (pipe.compressor, pipe.unet):
             module.to(memory_format=self.memory_format)
@@ -325,7 +325,7 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
     run = {"stage": args.stage, "steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
            "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
            "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
-           "warmup_steps": warmup,
+           "warmup_steps": warmup, "balance_levels": args.balance_levels,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -368,6 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lambdas", type=float, nargs="+",
                     help="λ per quality level, compressai's convention λ·255²·MSE + bpp (default: the resumed "
                          "checkpoint's, else DEFAULT_LAMBDAS)")
+    ap.add_argument("--balance-levels", action="store_true",
+                    help="weigh every level's distortion the same (each sample's loss / λ_q·255²; see app.objectives)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
                     help="share of t drawn on the 1–4-step decode timesteps (0 = uniform t)")

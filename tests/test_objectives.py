@@ -48,6 +48,16 @@ def test_joint_loss_is_the_one_stage_loss_divided_by_the_old_lambda():
     one_stage = (torch.tensor(old) * bpp + (1 - rho) * snr[t] * mse + rho * perceptual
                  + (out.x_base - x).pow(2).flatten(1).mean(1))
     assert joint["loss"].item() == pytest.approx((one_stage / torch.tensor(old)).mean().item(), rel=1e-5)
+    balanced = JointLoss(old_to_compressai_lambdas(old), snr, Halves(), balanced=True)(out, x0_hat, x, q, t, rho, lp)
+    assert balanced["loss"].item() == pytest.approx(one_stage.mean().item() / 4, rel=1e-5)  # the one-stage weighting
+
+
+def test_balanced_rate_distortion_loss_weighs_each_level_by_one_over_lambda():
+    x, out = _batch()
+    lambdas, q = [0.0018, 0.0067, 0.0483], torch.tensor([0, 1, 2])
+    plain, balanced = (RateDistortionLoss(lambdas, b)(out, x, q) for b in (False, True))
+    lam = torch.tensor(lambdas) * 255**2
+    assert balanced["loss"].item() == pytest.approx((plain["bpp"] / lam + plain["base_mse"]).mean().item(), rel=1e-6)
 
 
 def test_the_denoiser_loss_skips_the_perceptual_term_only_where_rho_is_zero():
