@@ -1,7 +1,7 @@
 """Speed, size and memory of the codec on one image, or of a training step (timing only, never quality).
 
     python -m app.bench [--device cpu|cuda] [--json] [--checkpoint DIR] [--rho R] [--steps K] [--size 768x512] [--repeats 3]
-                        [--no-reference] [--tile-batch B]
+                        [--no-reference]
     python -m app.bench --train [--device cpu|cuda] [--json] [--train-steps 5] [--train-batch 32] [--train-crop 256]
                                 [--fused-adam] [--channels-last] [--compile]
 
@@ -15,8 +15,8 @@ runs with random weights (labelled so): the speed is the same, the picture is no
 is the median of ``--repeats`` runs after one warm-up run; CUDA is synchronised around each.
 The reference is one forward of the paper-sized UNet (base width 64 at full resolution,
 multipliers 1-6, no pixel-unshuffle) on the same image size, with random weights (``--no-reference``
-skips it). Images larger than one tile are coded in tiles (``app.tiling``); the UNet forward is then
-one window's, and ``--tile-batch`` sets the windows per UNet call.
+skips it). Images larger than one tile are coded in tiles (``app.tiling``): the UNet then runs layer by
+layer over row bands, so its single forward and GFLOPs are not reported; the row bands' height is.
 """
 
 from __future__ import annotations
@@ -150,7 +150,6 @@ def load(checkpoint: str | None, device: str):
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pipe, weights = load(args.checkpoint, args.device)
-    pipe.tile_batch = args.tile_batch
     steps, noise_scale = pipe.decode_settings(args.rho)
     steps = args.steps or steps
     level = pipe.num_quality_levels // 2
@@ -170,19 +169,23 @@ def run(args: argparse.Namespace) -> dict:
     decode_s, _ = timed(decode, device, args.repeats)
     mem_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
 
-    unet_args, unet_kwargs = capture_unet_inputs(pipe, data)
-    with torch.no_grad():
-        forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
+    tiled = pipe.tiled(*pipe._padded_size(data))
+    forward_s = unet_gflops = unet_input = None
+    if not tiled:
+        unet_args, unet_kwargs = capture_unet_inputs(pipe, data)
+        with torch.no_grad():
+            forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
+        unet_gflops, unet_input = gflops(pipe.unet, unet_args, unet_kwargs), list(unet_args[0].shape)
     megapixels = img.width * img.height / 1e6
     return {
         "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
         "level": level, "bpp": bits_per_pixel(data), "rho": args.rho, "steps": steps, "noise_scale": noise_scale, "repeats": args.repeats,
-        "tiled": pipe.tiled(*pipe._padded_size(data)), "tile_size": pipe.tile_size, "tile_margin": pipe.tile_margin,
-        "tile_batch": pipe.tile_batch, "unet_input": list(unet_args[0].shape),
+        "tiled": tiled, "tile_size": pipe.tile_size, "band_rows": pipe.band_rows(pipe._padded_size(data)[1]) if tiled else None,
+        "unet_input": unet_input,
         "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
         "encode_s_per_mpx": encode_s / megapixels, "decode_s_per_mpx": decode_s / megapixels,
         "unet_params": count_params(pipe.unet), "compressor_params": count_params(pipe.compressor),
-        "unet_gflops": gflops(pipe.unet, unet_args, unet_kwargs),
+        "unet_gflops": unet_gflops,
         "memory": {"kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
                    "before_mib": mem_before, "peak_mib": mem_peak},
         "paper_unet": None if args.no_reference else reference_unet(img.width, img.height, device, pipe.unet.dtype,
@@ -192,22 +195,24 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(r: dict) -> str:
     ref, m = r["paper_unet"], r["machine"]
+    tiled = r["tiled"]
+    forward = ("UNet layer by layer over row bands" if tiled else
+               f"UNet forward alone on {'x'.join(map(str, r['unet_input'][-2:]))}: {r['unet_forward_s']:.3f} s")
+    gflops = "" if tiled else f", {r['unet_gflops']:.4g} GFLOPs/forward"
     return "\n".join([
         f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads",
         f"weights: {r['weights']}",
         f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
-        f"tiles         {'windows of %d px, margin %d, %d per UNet call' % (r['tile_size'], r['tile_margin'], r['tile_batch']) if r['tiled'] else 'none (one window)'}",
+        f"tiles         {'encoder windows of %d px, decoder bands of %d rows' % (r['tile_size'], r['band_rows']) if tiled else 'none (one window)'}",
         f"encode        {r['encode_s']:.3f} s ({r['encode_s_per_mpx']:.3f} s/Mpx)",
         f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, K = {r['steps']}, γ = {r['noise_scale']:g}: "
-        f"{r['decode_per_step_s']:.3f} s/step, {r['decode_s_per_mpx']:.3f} s/Mpx "
-        f"(UNet forward alone on {'x'.join(map(str, r['unet_input'][-2:]))}: {r['unet_forward_s']:.3f} s)",
-        f"UNet          {r['unet_params'] / 1e6:.2f} M params, {r['unet_gflops']:.4g} GFLOPs/forward; "
-        f"compressor {r['compressor_params'] / 1e6:.2f} M params",
+        f"{r['decode_per_step_s']:.3f} s/step, {r['decode_s_per_mpx']:.3f} s/Mpx ({forward})",
+        f"UNet          {r['unet_params'] / 1e6:.2f} M params{gflops}; compressor {r['compressor_params'] / 1e6:.2f} M params",
         f"memory        {r['memory']['kind']}: {r['memory']['before_mib']:.0f} MiB before, "
         f"{r['memory']['peak_mib']:.0f} MiB peak",
     ] + ([] if ref is None else [
-        f"paper UNet    {ref['params'] / 1e6:.2f} M params, {ref['gflops']:.4g} GFLOPs/forward, "
-        f"{ref['forward_s']:.3f} s/forward ({ref['forward_s'] / r['unet_forward_s']:.1f}x ours)"]))
+        f"paper UNet    {ref['params'] / 1e6:.2f} M params, {ref['gflops']:.4g} GFLOPs/forward, {ref['forward_s']:.3f} s/forward"
+        + ("" if tiled else f" ({ref['forward_s'] / r['unet_forward_s']:.1f}x ours)")]))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -282,7 +287,6 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the paper-sized UNet (slow at large sizes)")
-    p.add_argument("--tile-batch", type=int, default=1, help="windows per UNet call in tiled decoding (default 1)")
     p.add_argument("--train", action="store_true", help="time the training step instead of the codec")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
@@ -298,8 +302,8 @@ def main(argv=None) -> dict:
         p.error("--steps must be at least 1")
     if not 0 <= args.rho <= 1:
         p.error("--rho must lie in [0, 1]")
-    if args.repeats < 1 or args.tile_batch < 1:
-        p.error("--repeats and --tile-batch must be at least 1")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     from app.pipeline import CheckpointError

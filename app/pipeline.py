@@ -39,8 +39,8 @@ class CheckpointError(FileNotFoundError):
 
 
 TILE_SIZE = 1024  # window side (pixels) of tiled coding
-TILE_MARGIN = 64  # UNet context per interior tile side (pixels)
-JOINT_TILES, STATS_PASSES = 4, 2  # GroupNorm statistics of tiled decodes: see app.tiling
+BAND_PIXELS = 1 << 20  # pixels per row band of tiled decoding (app.bands): the band's memory, not the image's
+BAND_RAM = 768 << 20  # bytes of a tiled decode's activations kept in RAM; the rest goes to files (app.bands)
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.
@@ -101,12 +101,11 @@ class CDCPipeline(DiffusionPipeline):
         table = UNTUNED_DECODE if decode_defaults is None else decode_defaults
         self.register_to_config(decode_defaults=check_decode_defaults(table))
         self.max_pixels = MAX_PIXELS
-        # Images whose padded sides exceed tile_size are encoded and decoded in windows of that side (app.tiling).
+        # Images whose padded sides exceed tile_size are encoded in windows of that side and decoded in row
+        # bands of about band_pixels pixels (app.tiling).
         self.tile_size = TILE_SIZE
-        self.tile_margin = TILE_MARGIN  # UNet context per interior side, measured by scripts/seam_check.py
-        self.tile_batch = 1  # windows per UNet call when not joint (batching did not pay on a 2-core CPU)
-        self.joint_tiles = JOINT_TILES  # at most this many windows: one batch, with the whole image's GroupNorm statistics
-        self.stats_passes = STATS_PASSES  # otherwise: passes that estimate them (app.tiling)
+        self.band_pixels = BAND_PIXELS
+        self.band_ram = BAND_RAM
         self._analysis_margin = None
         self.last_probes = 0  # encodes run by the last compress() (1, or a bisection's count)
         self._coder = None
@@ -150,6 +149,10 @@ class CDCPipeline(DiffusionPipeline):
                     h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
             self._model_id = h.digest()[:8]
         return self._model_id
+
+    def band_rows(self, pad_width: int) -> int:
+        """Rows per band of a tiled decode at this padded width: about ``band_pixels`` pixels, a multiple of 16."""
+        return max(tiling.ALIGN, self.band_pixels // pad_width // tiling.ALIGN * tiling.ALIGN)
 
     def tiled(self, pad_height: int, pad_width: int) -> bool:
         """Whether an image of this padded size is coded in tiles (larger than one tile on a side)."""
@@ -296,8 +299,7 @@ class CDCPipeline(DiffusionPipeline):
         if self.tiled(*self._padded_size(data)):
             header, y_fx = self.decode_latent(data)
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
-            decoder = tiling.TiledDecoder(self, self.tile_size, self.tile_margin, self.tile_batch, self.joint_tiles,
-                                          self.stats_passes)
+            decoder = tiling.TiledDecoder(self, self.band_rows(header.pad_width), self.band_ram)
             y_hat = to_float(y_fx)
             del y_fx  # the window loop holds ŷ once
             pixels = decoder(y_hat, q, header.height, header.width, float(rho), steps, gamma, generator)

@@ -1,19 +1,14 @@
-"""Tiles for large images: g_a, the content decoder and the UNet run over overlapping windows.
+"""Large images in pieces: g_a over overlapping windows, the decoder over row bands.
 
-The entropy-coded latent stays whole. Cores partition the (padded) image; each window is its core
-plus at least ``margin`` pixels of context on every interior side, and all windows of an image have
-one size, so they batch. Convolutions are local, but the UNet's GroupNorm normalises over the whole
-image: the tiles share its statistics (:class:`SharedGroupNorm`). When every window fits in one batch
-(``joint_tiles``) they are computed jointly over all the cores: the whole image's, in one pass.
-Otherwise statistics passes over all the windows sum each layer's statistics over the cores, per step:
-the first with each window normalised by its own, each further one normalised by the previous pass's
-sums, a fixed-point iteration towards the whole image's; the last pass decodes with them. (Statistics
-from a sample are not enough: from half of a Kodak image's cores, 0.2 dB off at ρ = 0.9.) With shared
-statistics the UNet is a local operator, and a tile's core matches the untiled decode as far as the
-margin covers the network's reach.
+The entropy-coded latent stays whole. Encoding: cores partition the (padded) image, each window is its core
+plus g_a's measured receptive radius of context on every interior side, so the tiled latent is the untiled
+one. Decoding: the content decoder runs on row bands of the latent that hold its measured reach, and the UNet
+runs layer by layer over row bands with its activations in files (:mod:`app.bands`), so that every GroupNorm
+normalises by the whole image's statistics and every convolution sees its true neighbours: the decode equals
+the untiled one up to float rounding, in memory bounded by one band.
 
-The initial noise is the whole image's (:class:`WholeNoise`: the same draws as the untiled decode),
-cut into windows.
+The initial noise is the whole image's (:class:`WholeNoise`: the same draws as the untiled decode), cut into
+bands.
 """
 
 from __future__ import annotations
@@ -24,7 +19,8 @@ import math
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from torch import nn
+
+from . import bands
 
 ALIGN = 16  # window edges on multiples of this: ŷ's stride and the UNet's downscale factor (checked)
 _DRAW_CHUNK = 1 << 22  # randn draws discarded per call while skipping ahead
@@ -124,75 +120,6 @@ class _DrawnNoise:
         return self.whole[:, :, start:stop]
 
 
-class SharedGroupNorm:
-    """The UNet's GroupNorms with statistics shared by every tile, inside a ``with`` block.
-
-    ``collect(step, mask)`` normalises by each GroupNorm's statistics over the masked pixels of the whole batch
-    (the cores: ``mask`` is (B, 1, H, W) at the input resolution) and records them for that step; with
-    ``accumulate`` it adds them to running sums instead, which :meth:`finish` turns into the statistics of all the
-    batches together. ``apply(step)`` reuses the recorded ones in the same order."""
-
-    def __init__(self, unet: nn.Module):
-        self.norms = [m for m in unet.modules() if isinstance(m, nn.GroupNorm)]
-        self.stats: dict[int, list] = {}
-        self._sums: dict[tuple, list] = {}
-        self._mask = None
-        self._step = None
-        self._pos = 0
-        self._accumulate = False
-
-    def __enter__(self):
-        for norm in self.norms:
-            norm.forward = lambda x, norm=norm: self._forward(norm, x)
-        return self
-
-    def __exit__(self, *exc):
-        for norm in self.norms:
-            del norm.forward
-
-    def collect(self, step: int, mask: torch.Tensor, accumulate: bool = False) -> None:
-        self._step, self._mask, self._pos, self._accumulate = step, mask, 0, accumulate
-        if not accumulate:
-            self.stats[step] = []
-
-    def finish(self) -> None:
-        """Statistics of everything accumulated so far (count-weighted means of the batches' sums)."""
-        self.stats = {}
-        for (step, pos), (n, s1, s2) in sorted(self._sums.items()):
-            mean = s1 / n
-            self.stats.setdefault(step, []).append((mean.float(), (s2 / n - mean.square()).clamp_min(0).float()))
-        self._sums = {}
-
-    def apply(self, step: int) -> None:
-        self._step, self._mask, self._pos = step, None, 0
-
-    def _forward(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = norm.num_groups
-        xg = x.view(b, g, c // g, h, w)
-        if self._mask is not None:
-            s = self._mask.shape[-2] // h
-            m = self._mask[:, :, ::s, ::s][:, :, None].to(x.dtype)  # (B, 1, 1, h, w)
-            count = m.sum() * (c // g)
-            mean = (xg * m).sum(dim=(0, 2, 3, 4)) / count
-            var = ((xg - mean.view(1, g, 1, 1, 1)).square() * m).sum(dim=(0, 2, 3, 4)) / count
-            if self._accumulate:
-                n, m1, v = count.double(), mean.double(), var.double()
-                sums = self._sums.setdefault((self._step, self._pos), [0.0, 0.0, 0.0])
-                sums[0], sums[1], sums[2] = sums[0] + n, sums[1] + n * m1, sums[2] + n * (v + m1.square())
-                if self._step in self.stats:  # refining: normalise by the shared estimate
-                    mean, var = self.stats[self._step][self._pos]
-            else:
-                self.stats[self._step].append((mean, var))
-        else:
-            mean, var = self.stats[self._step][self._pos]
-        self._pos += 1
-        y = ((xg - mean.view(1, g, 1, 1, 1)) * torch.rsqrt(var.view(1, g, 1, 1, 1) + norm.eps)).view(b, c, h, w)
-        if norm.affine:
-            y = y * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
-        return y
-
-
 def content_margin(compressor, quality: torch.Tensor) -> int:
     """Measured receptive radius (pixels, aligned) of ``compressor.content`` around a latent cell."""
     m = compressor.config.latent_channels
@@ -238,37 +165,51 @@ def analysis_tiled(compressor, pixels: np.ndarray, pad_h: int, pad_w: int, tile:
 
 
 class TiledDecoder:
-    """Decodes ŷ tile by tile (content decoder and UNet) into an 8-bit image; see the module docstring."""
+    """Decodes ŷ band by band into an 8-bit image: the content decoder on the latent rows that hold its reach, the
+    UNet layer by layer (:class:`app.bands.BandedUNet`), the scheduler step per band; see the module docstring."""
 
-    def __init__(self, pipe, tile: int, margin: int, batch: int, joint_tiles: int, passes: int):
+    def __init__(self, pipe, band: int, ram_bytes: int):
         if pipe.unet.downscale_factor % ALIGN and ALIGN % pipe.unet.downscale_factor:
             raise ValueError(f"the UNet's downscale factor {pipe.unet.downscale_factor} does not divide into {ALIGN}")
-        self.pipe, self.tile, self.margin, self.batch, self.joint_tiles = pipe, tile, margin, batch, joint_tiles
-        self.passes = passes
+        self.pipe, self.band, self.ram_bytes = pipe, band, ram_bytes
 
     @torch.no_grad()
     def __call__(self, y_hat, quality, height, width, rho, steps, gamma, generator) -> np.ndarray:
         pipe = self.pipe
         pad_h, pad_w = y_hat.shape[-2] * ALIGN, y_hat.shape[-1] * ALIGN
-        tiles = grid(pad_h, pad_w, self.tile, self.margin)
-        joint = len(tiles) <= self.joint_tiles
-        self.y_hat, self.quality, self.rho, self.gamma = y_hat, quality, rho, gamma
-        self.content_margin = content_margin(pipe.compressor, quality)
-        self.out = np.empty((height, width, 3), np.uint8)
-        starts = [r[2] for r, _ in tiles]
-        self.noise = self._noise((1, 3, pad_h, pad_w), generator, starts) if gamma > 0 else None
+        runner = bands.BandRunner(pad_h, pad_w, self.band, pipe.device, pipe.unet.dtype, self.ram_bytes)
+        *pyramid, x_base = self._content(runner, y_hat, quality)
+        cores = runner.bands()
+        x = runner.plane(3, 1)
+        noise = self._noise((1, 3, pad_h, pad_w), generator, [r0 for r0, _ in cores]) if gamma > 0 else None
+        for r0, r1 in cores:
+            if noise is None:
+                x.write(r0, torch.zeros(1, 3, r1 - r0, pad_w, dtype=pipe.unet.dtype))
+            else:
+                x.write(r0, noise.rows(r0, r1) * (gamma * pipe.scheduler.init_noise_sigma))
         pipe.scheduler.set_timesteps(steps, device=pipe.device)
-        with SharedGroupNorm(pipe.unet) as norms:
-            if joint:
-                self._run(tiles, norms, "joint")
-                return self.out
-            for _ in range(self.passes):
-                for i in range(0, len(tiles), self.batch):
-                    self._run(tiles[i: i + self.batch], norms, "accumulate")
-                norms.finish()
-            for i in range(0, len(tiles), self.batch):
-                self._run(tiles[i: i + self.batch], norms, "apply")
-        return self.out
+        schedulers = {r0: copy.deepcopy(pipe.scheduler) for r0, _ in cores}  # a multistep sampler keeps state per band
+        unet = bands.BandedUNet(pipe.unet, runner)
+        for t in pipe.scheduler.timesteps:
+            model_input = runner.run(lambda v: pipe.scheduler.scale_model_input(v, t), [x], 3, 1, 0)
+            prediction = unet(model_input, t, rho, pyramid, x_base)
+            x = self._step(runner, schedulers, prediction, t, x)
+        out = np.empty((height, width, 3), np.uint8)
+        for r0, r1 in cores:
+            if r0 < height:
+                band = x.read(r0, min(r1, height))[..., :width]
+                out[r0:r1] = ((band.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        return out
+
+    @staticmethod
+    def _step(runner, schedulers, prediction, t, x):
+        """x_{k-1} per band, each band with its own scheduler (a clipped x̂0 step is per pixel)."""
+        out = runner.plane(3, 1)
+        for r0, r1 in runner.bands():
+            step = schedulers[r0].step(prediction.read(r0, r1).to(runner.device).clamp(-1, 1), t,
+                                       x.read(r0, r1).to(runner.device))
+            out.write(r0, step.prev_sample)
+        return out
 
     def _noise(self, shape, generator, starts):
         """ε as the untiled decode draws it: replayed by bands where the draw is a CPU float32 one, else whole."""
@@ -277,48 +218,17 @@ class TiledDecoder:
             return WholeNoise(shape, generator, starts)
         return _DrawnNoise(randn_tensor(shape, generator=generator, device=self.pipe.device, dtype=self.pipe.unet.dtype))
 
-    def _content(self, r, c):
-        """Content pyramid and x_base on window (r, c), from the latent window that holds its reach."""
-        pipe, cm = self.pipe, self.content_margin
-        h, w = self.y_hat.shape[-2:]
-        la, lb = max(r[2] - cm, 0) // ALIGN, min(r[3] + cm, h * ALIGN) // ALIGN
-        lc, ld = max(c[2] - cm, 0) // ALIGN, min(c[3] + cm, w * ALIGN) // ALIGN
-        y = self.y_hat[..., la:lb, lc:ld].to(pipe.device, pipe.compressor.dtype)
-        crops = []
-        for f in _flat(pipe.compressor.content(y, self.quality)):
-            s = (lb - la) * ALIGN // f.shape[-2]
-            crops.append(f[..., (r[2] - la * ALIGN) // s: (r[3] - la * ALIGN) // s,
-                           (c[2] - lc * ALIGN) // s: (c[3] - lc * ALIGN) // s].to(pipe.unet.dtype))
-        return crops
-
-    def _run(self, tiles, norms: SharedGroupNorm, mode: str) -> None:
-        """Decode a batch of windows: with statistics over their cores (``joint``), with the shared ones
-        (``apply``), or only to add their cores' statistics to the sums (``accumulate``)."""
+    def _content(self, runner, y_hat, quality) -> list[bands.Plane]:
+        """Planes of the content pyramid and x_base, each band from the latent rows that hold the decoder's reach."""
         pipe = self.pipe
-        parts = [self._content(r, c) for r, c in tiles]
-        *content, x_base = [torch.cat(level) for level in zip(*parts)]
-        del parts
-        if self.noise is None:
-            x = torch.zeros_like(x_base)
-        else:
-            x = torch.cat([self.noise.rows(r[2], r[3])[..., c[2]:c[3]] for r, c in tiles]).to(pipe.device, x_base.dtype)
-            x = x * (self.gamma * pipe.scheduler.init_noise_sigma)
-        mask = None
-        if mode != "apply":
-            mask = torch.zeros(len(tiles), 1, *x.shape[-2:], dtype=torch.bool, device=pipe.device)
-            for i, (r, c) in enumerate(tiles):
-                mask[i, :, r[0] - r[2]: r[1] - r[2], c[0] - c[2]: c[1] - c[2]] = True
-        scheduler = copy.deepcopy(pipe.scheduler)
-        for step, t in enumerate(scheduler.timesteps):
-            norms.apply(step) if mask is None else norms.collect(step, mask, accumulate=mode == "accumulate")
-            model_input = scheduler.scale_model_input(x, t)
-            prediction = pipe.unet(model_input, t, self.rho, content, x_base).sample.clamp(-1, 1)
-            x = scheduler.step(prediction, t, x).prev_sample
-        if mode == "accumulate":
-            return
-        pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        height, width = self.out.shape[:2]
-        for i, (r, c) in enumerate(tiles):
-            r1, c1 = min(r[1], height), min(c[1], width)
-            if r[0] < r1 and c[0] < c1:
-                self.out[r[0]:r1, c[0]:c1] = pixels[i, r[0] - r[2]: r1 - r[2], c[0] - c[2]: c1 - c[2]]
+        margin = content_margin(pipe.compressor, quality)
+        planes = None
+        for r0, r1 in runner.bands():
+            la, lb = max(r0 - margin, 0) // ALIGN, min(r1 + margin, runner.height) // ALIGN
+            feats = _flat(pipe.compressor.content(y_hat[..., la:lb, :].to(pipe.device, pipe.compressor.dtype), quality))
+            scales = [(lb - la) * ALIGN // f.shape[-2] for f in feats]
+            if planes is None:
+                planes = [runner.plane(f.shape[1], s) for f, s in zip(feats, scales)]
+            for plane, f, s in zip(planes, feats, scales):
+                plane.write(r0 // s, f[..., (r0 - la * ALIGN) // s: (r1 - la * ALIGN) // s, :])
+        return planes
