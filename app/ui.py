@@ -27,7 +27,7 @@ from app import classical, metrics
 from app.bitstream import BitstreamError, bits_per_pixel, unpack
 from app.images import ImageError, load_image
 
-MAX_SIDE = 1792  # the largest square decoded in one pass of at most 4 windows (app.tiling): 2048² took 50 s (README)
+MAX_SIDE = 1792  # the page's compress takes about 30 s at 1792² on a 2-core CPU, 38 s at 2048² (README, demo_timings)
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # lower than the CLI's limit: the Space decodes on a CPU
 MAX_STEPS = 20
 MAX_SAMPLES = 4
