@@ -152,6 +152,8 @@ class BandedUNet:
             if (block.time_embedding_norm != "default" or block.upsample is not None or block.downsample is not None
                     or block.time_emb_proj is None or not isinstance(block.nonlinearity, torch.nn.SiLU)):
                 raise ValueError("BandedUNet supports diffusers ResnetBlock2D in its default form only")
+        if not (unet.config.cond_image and unet.config.prediction_type == "sample"):
+            raise ValueError("BandedUNet supports the X-parameterised UNet with x_base (cond_image=True)")
         self.unet, self.runner = unet, runner
 
     @torch.no_grad()
@@ -190,8 +192,6 @@ class BandedUNet:
         def conv_out(x, base):
             return F.pixel_shuffle(unet.conv_out(F.silu(group_norm(x, unet.norm_out, stats), inplace=True)), u) + base
 
-        if not (cfg.cond_image and cfg.prediction_type == "sample"):
-            raise ValueError("BandedUNet supports the X-parameterised UNet with x_base (cond_image=True)")
         return run(conv_out, [h, x_base], sample.channels, 1, u)
 
     def _resnet(self, block: ResnetBlock2D, inputs: list[Plane], temb: torch.Tensor) -> Plane:
