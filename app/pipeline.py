@@ -301,7 +301,7 @@ class CDCPipeline(DiffusionPipeline):
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
             decoder = tiling.TiledDecoder(self, self.band_rows(header.pad_width), self.band_ram)
             y_hat = to_float(y_fx)
-            del y_fx  # the window loop holds ŷ once
+            del y_fx  # the band loop holds ŷ once
             pixels = decoder(y_hat, q, header.height, header.width, float(rho), steps, gamma, generator)
             return PIL.Image.fromarray(pixels, "RGB")
         header, content, x_base = self.decode_content(data)

@@ -3,9 +3,9 @@
 The entropy-coded latent stays whole. Encoding: cores partition the (padded) image, each window is its core
 plus g_a's measured receptive radius of context on every interior side, so the tiled latent is the untiled
 one. Decoding: the content decoder runs on row bands of the latent that hold its measured reach, and the UNet
-runs layer by layer over row bands with its activations in files (:mod:`app.bands`), so that every GroupNorm
-normalises by the whole image's statistics and every convolution sees its true neighbours: the decode equals
-the untiled one up to float rounding, in memory bounded by one band.
+runs layer by layer over row bands (:mod:`app.bands`: activations in RAM up to a budget, then in files), so
+that every GroupNorm normalises by the whole image's statistics and every convolution sees its true
+neighbours: the decode equals the untiled one up to float rounding, in memory bounded by the band and the budget.
 
 The initial noise is the whole image's (:class:`WholeNoise`: the same draws as the untiled decode), cut into
 bands.
