@@ -121,3 +121,49 @@ def test_exported_files_verify_elsewhere_against_the_hashes_from_where_they_were
     settings = {name: check.SETTINGS[name] for name in ("default", "oneDNN AVX2")}
     found = check.verify(folder, str(GOLDEN / "cdc"), settings)
     assert found == {name: written for name in settings}
+
+
+@pytest.mark.parametrize("band", [1, 2, 3])
+def test_banded_integer_hyper_synthesis_equals_one_pass(golden_pipeline, band):
+    """h_s over bands of z rows with their halo gives the integers of one pass (it reaches less than the halo)."""
+    coder = golden_pipeline._entropy_coder()
+    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 9, 5), generator=torch.Generator().manual_seed(band))
+    whole = coder._y_parameters(z, band=100)
+    banded = coder._y_parameters(z, band=band)
+    assert whole[0].dtype == torch.int16 and whole[1].dtype == torch.int32
+    assert all(torch.equal(a, b) for a, b in zip(whole, banded))
+    sigma, mu = IntegerHyperSynthesis(coder.h_s)((z << FRAC) + coder.coding.z_median_fx())
+    assert torch.equal(whole[1].long(), mu) and torch.equal(whole[0].long(), coder.coding.scale_indexes(sigma).long())
+
+
+def test_the_encoder_writes_no_escapes(tiny_pipeline, monkeypatch):
+    """Residuals beyond a table's tail are coded as its last regular symbol: the fast decoder reads every file
+    this encoder writes, and the latent the file carries (and its check) is the clamped one."""
+    from compressai import ans
+
+    from app.models import entropy_exact
+
+    tables = tiny_pipeline._entropy_coder().coding
+    gen = torch.Generator().manual_seed(2)
+    indexes = torch.randint(0, len(tables.y_cdf_length), (1, 8, 6, 6), generator=gen).short()
+    symbols = torch.randint(-3, 4, indexes.shape, generator=gen).float()
+    symbols.view(-1)[::5] = 1e6
+    symbols.view(-1)[1::5] = -1e6
+    clamped = tables.clamp("y", symbols, indexes)
+    low = tables.y_offset[indexes.long()]
+    high = low + tables.y_cdf_length[indexes.long()] - 3
+    assert clamped.dtype == torch.int32
+    assert torch.equal(clamped.view(-1)[::5], high.view(-1)[::5]) and torch.equal(clamped.view(-1)[1::5], low.view(-1)[1::5])
+    inside = (symbols >= low) & (symbols <= high)
+    assert inside.view(-1)[2::5].any() and torch.equal(clamped[inside], symbols[inside].int())
+    string = tables.encode("y", clamped, indexes)
+    assert ans.RansDecoder().decode_with_indexes(string, indexes.view(-1).int().tolist(), *tables._coder_args("y")) \
+        == clamped.view(-1).tolist()
+
+    def no_fallback(*args):
+        raise AssertionError("the bounds-checked decoder ran")
+
+    monkeypatch.setattr(entropy_exact, "decode_checked", no_fallback)
+    assert torch.equal(tables.decode("y", string, indexes), clamped.long())
+    data = tiny_pipeline.compress(photo(), 3)
+    tiny_pipeline.decode_latent(data)  # verifies the check

@@ -37,6 +37,8 @@ from torch import nn
 from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis, to_float
 
 STRIDE = 64  # z lives at H/64
+Z_BAND = 16  # z rows per band of the integer h_s (64 rows of y)
+Z_HALO = 4  # z rows of context each side of a band: h_s reaches less than 3 (checked by the tests)
 _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
 
@@ -190,12 +192,25 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self._integer_h_s = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _y_parameters(self, z_symbols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale indexes, μ in fixed point) of y from z's integer symbols."""
+    def _y_parameters(self, z_symbols: torch.Tensor, band: int = Z_BAND) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale indexes as int16, μ in fixed point as int32) of y from z's integer symbols. The integer h_s runs
+        over bands of ``band`` z rows with ``Z_HALO`` rows of context: the same integers as one pass, in memory
+        bounded by the band (its float64 activations are 16 bytes per y value for the whole latent)."""
         if self._integer_h_s is None:
             self._integer_h_s = IntegerHyperSynthesis(self.h_s)
-        sigma, mu = self._integer_h_s((z_symbols << FRAC) + self.coding.z_median_fx())
-        return self.coding.scale_indexes(sigma), mu
+        z_fx = (z_symbols << FRAC) + self.coding.z_median_fx()
+        n, _, height, width = z_fx.shape
+        up = STRIDE // 16
+        shape = (n, self.config.latent_channels, height * up, width * up)
+        indexes, mu = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int32)
+        for a in range(0, height, band):
+            b = min(a + band, height)
+            lo, hi = max(a - Z_HALO, 0), min(b + Z_HALO, height)
+            sigma, mu_band = self._integer_h_s(z_fx[:, :, lo:hi])
+            rows = slice((a - lo) * up, (b - lo) * up)
+            indexes[:, :, a * up:b * up] = self.coding.scale_indexes(sigma[:, :, rows])
+            mu[:, :, a * up:b * up] = mu_band[:, :, rows]  # |μ| ≤ 2^24 (h_s clamps)
+        return indexes, mu
 
     @staticmethod
     def _channel_indexes(shape) -> torch.Tensor:
@@ -208,13 +223,13 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         z_symbols = torch.round(z - to_float(self.coding.z_median_fx())).long()
         z_string = self.coding.encode("z", z_symbols, self._channel_indexes(z_symbols.shape))
         indexes, mu = self._y_parameters(z_symbols)
-        y_symbols = torch.round(y - to_float(mu)).long()
+        y_symbols = self.coding.clamp("y", torch.round(y - to_float(mu)), indexes)  # no escapes: the fast decoder
         y_string = self.coding.encode("y", y_symbols, indexes)
-        return z_string, y_string, (y_symbols << FRAC) + mu
+        return z_string, y_string, (y_symbols.long() << FRAC).add_(mu)
 
     @torch.no_grad()
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
         """ŷ · 2^FRAC (int64, exact) from the two strings and the spatial shape of z."""
         z_symbols = self.coding.decode("z", z_string, self._channel_indexes((1, self.config.hyper_channels, *shape)))
         indexes, mu = self._y_parameters(z_symbols)
-        return (self.coding.decode("y", y_string, indexes) << FRAC) + mu
+        return self.coding.decode("y", y_string, indexes).bitwise_left_shift_(FRAC).add_(mu)

@@ -110,9 +110,10 @@ def to_float(x_fx: torch.Tensor) -> torch.Tensor:
 
 
 def latent_sha256(y_fx: torch.Tensor) -> str:
-    """SHA-256 (hex) of ŷ · 2^12 as little-endian int64 in C order (N, C, H, W): the exact latent."""
-    data = y_fx.to(torch.int64).cpu().contiguous().numpy().astype("<i8").tobytes()
-    return hashlib.sha256(data).hexdigest()
+    """SHA-256 (hex) of ŷ · 2^12 as little-endian int64 in C order (N, C, H, W): the exact latent (hashed in
+    place, without a copy of an int64 latent)."""
+    data = y_fx.to(torch.int64).cpu().contiguous().numpy().astype("<i8", copy=False)
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
 class CodingTables(nn.Module):
@@ -159,18 +160,31 @@ class CodingTables(nn.Module):
         starts = [0, *accumulate(lengths)]
         return [flat[a:b] for a, b in zip(starts, starts[1:])], lengths, getattr(self, f"{prefix}_offset").tolist()
 
+    def clamp(self, prefix: str, symbols: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
+        """Integer-valued ``symbols`` limited to the regular symbols of their CDFs, as int32, so that the string holds
+        no escape (which only the slow bounds-checked decoder reads, see :meth:`decode`): a residual beyond the
+        table's tail, rare (about one latent value in 10^5, 1–4 bins beyond), is coded as the table's last symbol."""
+        low = getattr(self, f"{prefix}_offset")
+        high = low + getattr(self, f"{prefix}_cdf_length") - 3
+        out = torch.empty(symbols.shape, dtype=torch.int32)
+        flat, index, flat_out = symbols.reshape(-1), indexes.reshape(-1), out.view(-1)
+        for a in range(0, len(flat), CHUNK):
+            i = index[a:a + CHUNK].long()
+            flat_out[a:a + CHUNK] = torch.minimum(torch.maximum(flat[a:a + CHUNK], low[i]), high[i])
+        return out
+
     def encode(self, prefix: str, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
         """Range-code integer ``symbols`` with CDF ``indexes`` (compressai's rANS coder, fed ``CHUNK`` symbols at a
         time: the same string as one call)."""
         args = self._coder_args(prefix)
-        symbols, indexes = symbols.reshape(-1).int(), indexes.reshape(-1).int()
+        symbols, indexes = symbols.reshape(-1), indexes.reshape(-1)
         encoder = ans.BufferedRansEncoder()
         for a in range(0, len(symbols), CHUNK):
             encoder.encode_with_indexes(symbols[a:a + CHUNK].tolist(), indexes[a:a + CHUNK].tolist(), *args)
         return encoder.flush()
 
     def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
-        """The int64 symbols of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
+        """The symbols (int64) of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
         cannot be one this coder wrote.
 
         compressai's decoder reads one 32-bit word at most per symbol, except in the escape that codes a value
@@ -182,7 +196,7 @@ class CodingTables(nn.Module):
         """
         if len(string) % 4 or len(string) < 8:
             raise ValueError(f"a rANS string is whole 32-bit words, at least two ({len(string)} bytes)")
-        flat = indexes.reshape(-1).int()
+        flat = indexes.reshape(-1)
         cdfs, lengths, offsets = self._coder_args(prefix)
         unreachable = [c + [1 << _PRECISION] for c in cdfs], [n + 1 for n in lengths], offsets
         decoder = ans.RansDecoder()
@@ -192,14 +206,14 @@ class CodingTables(nn.Module):
         for a in range(0, len(flat), CHUNK):
             chunk = flat[a:a + CHUNK]
             symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
-            if bool((symbols[a:a + CHUNK] == escape[chunk]).any()):
+            if bool((symbols[a:a + CHUNK] == escape[chunk.long()]).any()):
                 symbols = torch.tensor(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=torch.int64)
                 break
         return symbols.reshape(indexes.shape)
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
-        """Index of σ in the scale table, by integer comparison: #{bounds < σ} (compressai's rule)."""
-        return torch.bucketize(sigma_fx.contiguous(), self.scale_bounds.long())
+        """Index of σ in the scale table (int16), by integer comparison: #{bounds < σ} (compressai's rule)."""
+        return torch.bucketize(sigma_fx.contiguous(), self.scale_bounds.long(), out_int32=True).short()
 
     def z_median_fx(self) -> torch.Tensor:
         return self.z_median.long().view(1, -1, 1, 1)
