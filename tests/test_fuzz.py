@@ -266,7 +266,8 @@ def test_checked_decoder_matches_compressai_on_escapes(tiny_pipeline):
     args = tables._coder_args("y")
     native = ans.RansDecoder().decode_with_indexes(string, indexes.view(-1).int().tolist(), *args)
     assert native == symbols.view(-1).tolist()
-    assert decode_checked(string, indexes.view(-1).tolist(), *args) == native
+    assert decode_checked(string, indexes.view(-1).tolist(), *args).tolist() == native
+    assert decode_checked(string, indexes.view(-1).short(), *args).tolist() == native
     assert torch.equal(tables.decode("y", string, indexes), symbols)
     with pytest.raises(ValueError, match="ends before"):
         decode_checked(string[: len(string) // 2 // 4 * 4], indexes.view(-1).tolist(), *args)

@@ -191,7 +191,8 @@ class CodingTables(nn.Module):
         outside the table, whose reads only the data bound. It runs here with the escape unreachable (each CDF
         gains a last symbol of zero width) on the string padded with zero words to 2 + N words (N symbols): it
         stays inside that buffer whatever the bytes, and agrees with the real decoding up to the first escape.
-        Only a string that meets one (a value outside the table) is decoded again, by :func:`decode_checked`.
+        Only a string that meets one (a value outside the table; this encoder writes none, see :meth:`clamp`) is
+        decoded again, by :func:`decode_checked`.
         The decoder continues one stream over calls of ``CHUNK`` symbols (the same symbols as one call).
         """
         if len(string) % 4 or len(string) < 8:
@@ -207,7 +208,7 @@ class CodingTables(nn.Module):
             chunk = flat[a:a + CHUNK]
             symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
             if bool((symbols[a:a + CHUNK] == escape[chunk.long()]).any()):
-                symbols = torch.tensor(decode_checked(string, flat.tolist(), cdfs, lengths, offsets), dtype=torch.int64)
+                symbols = decode_checked(string, flat, cdfs, lengths, offsets)
                 break
         return symbols.reshape(indexes.shape)
 
@@ -219,36 +220,41 @@ class CodingTables(nn.Module):
         return self.z_median.long().view(1, -1, 1, 1)
 
 
-def decode_checked(string: bytes, indexes: list, cdfs: list, lengths: list, offsets: list) -> list:
+def decode_checked(string: bytes, indexes, cdfs: list, lengths: list, offsets: list) -> torch.Tensor:
     """compressai's rANS decoding (``RansDecoder.decode_with_indexes``) in Python, every read bounds-checked:
-    the same symbols for any string compressai writes; ``ValueError`` for one that ends before its last symbol
-    or escapes with more than the 8 nibbles of a 32-bit value."""
+    the same symbols (int64, one per CDF index of the flat ``indexes``) for any string compressai writes;
+    ``ValueError`` for one that ends before its last symbol or escapes with more than the 8 nibbles of a 32-bit
+    value. The indexes are read ``CHUNK`` at a time (a Python list of a whole large latent costs GBs)."""
     words = np.frombuffer(string, dtype="<u4").tolist()
     if len(words) < 2:
         raise ValueError("a rANS string needs at least two words")
     x, p = words[0] | words[1] << 32, 2
     tables = [(cdf, n - 2, offset) for cdf, n, offset in zip(cdfs, lengths, offsets)]
-    out = []
+    out = torch.empty(len(indexes), dtype=torch.int64)
     try:
-        for c in indexes:
-            cdf, escape, offset = tables[c]
-            cum = x & 0xFFFF
-            s = bisect_right(cdf, cum) - 1
-            start = cdf[s]
-            x = (cdf[s + 1] - start) * (x >> _PRECISION) + cum - start
-            if x < RANS_L:
-                x = x << 32 | words[p]
-                p += 1
-            if s == escape:  # a 4-bit count, then the value's nibbles, its sign in the lowest bit
-                count, x, p = _nibble(x, p, words)
-                if count > 8:
-                    raise ValueError("corrupt rANS string (escape longer than 32 bits)")
-                raw = 0
-                for j in range(count):
-                    nibble, x, p = _nibble(x, p, words)
-                    raw |= nibble << 4 * j
-                s = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + s
-            out.append(s + offset)
+        for a in range(0, len(indexes), CHUNK):
+            chunk = indexes[a:a + CHUNK]
+            values = []
+            for c in (chunk.tolist() if isinstance(chunk, torch.Tensor) else chunk):
+                cdf, escape, offset = tables[c]
+                cum = x & 0xFFFF
+                s = bisect_right(cdf, cum) - 1
+                start = cdf[s]
+                x = (cdf[s + 1] - start) * (x >> _PRECISION) + cum - start
+                if x < RANS_L:
+                    x = x << 32 | words[p]
+                    p += 1
+                if s == escape:  # a 4-bit count, then the value's nibbles, its sign in the lowest bit
+                    count, x, p = _nibble(x, p, words)
+                    if count > 8:
+                        raise ValueError("corrupt rANS string (escape longer than 32 bits)")
+                    raw = 0
+                    for j in range(count):
+                        nibble, x, p = _nibble(x, p, words)
+                        raw |= nibble << 4 * j
+                    s = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + s
+                values.append(s + offset)
+            out[a:a + len(values)] = torch.tensor(values, dtype=torch.int64)
     except IndexError:
         raise ValueError("corrupt rANS string (it ends before its last symbol)") from None
     return out
