@@ -1,6 +1,7 @@
 import torch
 
 from app.models import CDCCompressor, CDCUNet
+from app.models.compressor import BaseSynthesis
 from conftest import make_tiny_pipeline
 
 
@@ -24,6 +25,32 @@ def test_gains_start_spread_so_levels_differ_in_rate():
         out = c(x, torch.tensor([q]))
         bits.append(-sum(torch.log2(lik).sum() for lik in out.likelihoods.values()).item())
     assert bits[1] > bits[0]
+
+
+def test_base_synthesis_runs_its_last_conv_at_half_resolution_with_the_same_result():
+    torch.manual_seed(0)
+    synthesis = BaseSynthesis(16, (8, 4))
+    torch.nn.init.normal_(synthesis[6].weight)  # zero at initialisation
+    torch.nn.init.normal_(synthesis[6].bias)
+    f4 = torch.randn(2, 16, 6, 10)
+    at_full_resolution = synthesis[6](torch.nn.Sequential(*list(synthesis)[:6])(f4))
+    out = synthesis(f4)
+    assert out.shape == (2, 3, 24, 40)
+    torch.testing.assert_close(out, at_full_resolution, rtol=1e-5, atol=1e-5)
+    assert [name for name, _ in synthesis.named_parameters()] == ["0.weight", "0.bias", "3.weight", "3.bias", "6.weight", "6.bias"]
+
+
+def test_content_runs_channels_last_with_the_same_values():
+    c = make_tiny_pipeline().compressor.with_base_synthesis((8, 4))
+    torch.nn.init.normal_(c.base_refine[6].weight, std=0.1)
+    y_hat = torch.randn(1, 16, 4, 6).round()
+    q = torch.tensor([1])
+    content, x_base = c.content(y_hat, q)
+    f16 = c.content16(y_hat * c.gain(q, inverse=True))  # the contiguous (NCHW) path
+    f4 = c.content4(c.content8(f16))
+    expected = torch.nn.functional.pixel_shuffle(c.to_base(f4), 4) + c.base_refine(f4)
+    torch.testing.assert_close(content[0], f4, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_base, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unet_predicts_x0_shape_and_depends_on_rho():

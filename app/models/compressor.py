@@ -51,19 +51,46 @@ class CompressorOutput(BaseOutput):
     likelihoods: dict = None
 
 
-def base_synthesis(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+def subpixel_conv_weight(weight: torch.Tensor, r: int = 2) -> torch.Tensor:
+    """The 3×3 kernel at H/r that equals ``weight`` (3×3 at H) applied after pixel_shuffle(r):
+    conv(pixel_shuffle(u), W) = pixel_shuffle(conv(u, W')), W' of shape (O·r², C·r², 3, 3)."""
+    out_channels, in_channels = weight.shape[:2]
+    sub = weight.new_zeros(out_channels, r, r, in_channels, r, r, 3, 3)
+    for a in range(r):  # output sub-pixel row, column
+        for b in range(r):
+            for dy in (-1, 0, 1):  # tap offset at H
+                for dx in (-1, 0, 1):
+                    ey, sy = divmod(a + dy, r)  # tap offset at H/r, input sub-pixel row
+                    ex, sx = divmod(b + dx, r)
+                    sub[:, a, b, :, sy, sx, ey + 1, ex + 1] = weight[:, :, dy + 1, dx + 1]
+    return sub.reshape(out_channels * r * r, in_channels * r * r, 3, 3)
+
+
+class BaseSynthesis(nn.Sequential):
     """H/4 features → a 3-channel residual at H: per width a 3×3 conv, pixel_shuffle(2) and LeakyReLU
-    (H/4 → H/2 → H for two widths), then a zero-initialised 3×3 conv to RGB."""
-    if len(widths) != 2:
-        raise ValueError(f"base_channels needs two widths (H/2 and H), got {widths}")
-    layers, c = [], in_channels
-    for width in widths:
-        layers += [conv(c, 4 * width, 3, 1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
-        c = width
-    out = conv(c, 3, 3, 1)
-    nn.init.zeros_(out.weight)
-    nn.init.zeros_(out.bias)
-    return nn.Sequential(*layers, out)
+    (H/4 → H/2 → H for two widths), then a zero-initialised 3×3 conv to RGB.
+
+    The last conv runs at H/2 on the un-shuffled features (:func:`subpixel_conv_weight`): the same
+    function, without a 24-channel tensor at full resolution."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...]):
+        if len(widths) != 2:
+            raise ValueError(f"base_channels needs two widths (H/2 and H), got {widths}")
+        layers, c = [], in_channels
+        for width in widths:
+            layers += [conv(c, 4 * width, 3, 1), nn.PixelShuffle(2), nn.LeakyReLU(0.2, inplace=True)]
+            c = width
+        out = conv(c, 3, 3, 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        super().__init__(*layers, out)
+
+    def forward(self, f4: torch.Tensor) -> torch.Tensor:
+        h = self[2](self[1](self[0](f4)))  # H/2
+        h = self[5](self[3](h))  # 4·width channels at H/2; LeakyReLU commutes with pixel_shuffle
+        out = self[6]
+        weight = subpixel_conv_weight(out.weight)
+        return F.pixel_shuffle(F.conv2d(h, weight, out.bias.repeat_interleave(4), padding=1), 2)
 
 
 class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
@@ -119,7 +146,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self.content8 = nn.Sequential(deconv(k3, k2), GDN(k2, inverse=True))
         self.content4 = nn.Sequential(deconv(k2, k1), GDN(k1, inverse=True))
         self.to_base = conv(k1, 3 * 16, 3, 1)
-        self.base_refine = base_synthesis(k1, tuple(base_channels)) if base_channels else None
+        self.base_refine = BaseSynthesis(k1, tuple(base_channels)) if base_channels else None
 
     def with_base_synthesis(self, widths) -> "CDCCompressor":
         """A copy with x_base synthesis stages of ``widths`` (zero residual at first: it decodes as before)."""
@@ -154,7 +181,8 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
 
     def content(self, y_hat: torch.Tensor, quality: torch.Tensor) -> tuple[list, torch.Tensor]:
         """Content pyramid [H/4, H/8, H/16] and base image x_base ∈ [-1, 1]-ish from ŷ."""
-        f16 = self.content16(y_hat * self.gain(quality, inverse=True))
+        y_hat = (y_hat * self.gain(quality, inverse=True)).contiguous(memory_format=torch.channels_last)
+        f16 = self.content16(y_hat)
         f8 = self.content8(f16)
         f4 = self.content4(f8)
         x_base = F.pixel_shuffle(self.to_base(f4), 4)
