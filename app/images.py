@@ -24,7 +24,8 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     EXIF orientation is applied; grayscale, palette, 16-bit and CMYK images become RGB;
     transparency is composited onto white (the codec stores no alpha channel).
     """
-    if isinstance(source, Image.Image):
+    own = not isinstance(source, Image.Image)  # an image we opened may be changed in place (large photos: no copies)
+    if not own:
         img = source
     else:
         if isinstance(source, (bytes, bytearray)):
@@ -45,7 +46,11 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if width == 0 or height == 0:
         raise ImageError("image is empty (0 pixels)")
     try:
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        if own:
+            ImageOps.exif_transpose(img, in_place=True)
+        else:
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img, copy=not own)
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
     img.info = {}  # pixels only: no ICC/EXIF/XMP travels into any encoder (keeps codec comparisons fair)
@@ -63,7 +68,7 @@ def image_files(folder, recursive: bool = False) -> list[Path]:
     return paths
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, copy: bool = True) -> Image.Image:
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if img.mode != "F" and (img.mode.startswith("I;16") or arr.max() > 255):
@@ -77,4 +82,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
-    return img.convert("RGB")
+    return img.convert("RGB") if copy or img.mode != "RGB" else img

@@ -40,7 +40,7 @@ class CheckpointError(FileNotFoundError):
 
 TILE_SIZE = 1024  # window side (pixels) of tiled coding
 BAND_PIXELS = 1 << 20  # pixels per row band of tiled decoding (app.bands): the band's memory, not the image's
-BAND_RAM = 768 << 20  # bytes of a tiled decode's activations kept in RAM; the rest goes to files (app.bands)
+BAND_RAM = 256 << 20  # bytes of a tiled decode's activations kept in RAM; the rest goes to files (app.bands)
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.
@@ -215,8 +215,10 @@ class CDCPipeline(DiffusionPipeline):
         if self.tiled(pad_h, pad_w):
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
-            features = tiling.analysis_tiled(self.compressor, np.asarray(img), pad_h, pad_w, self.tile_size,
-                                             self._analysis_margin)
+            pixels = np.asarray(img)
+            del img  # load_image's copy: the array holds the pixels once
+            features = tiling.analysis_tiled(self.compressor, pixels, pad_h, pad_w, self.tile_size, self._analysis_margin)
+            del pixels
         else:
             x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")
             features = self.compressor.g_a(x.to(self.device, self.compressor.dtype))
@@ -226,8 +228,8 @@ class CDCPipeline(DiffusionPipeline):
         def encode(q100: int) -> bytes:
             self.last_probes += 1
             q = torch.tensor([q100 / 100], device=self.device)
-            y = features * self.compressor.gain(q)
-            z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
+            y = (features * self.compressor.gain(q)).float().cpu()
+            z_string, y_string, y_fx = self._entropy_coder().compress(y)
             check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
             header = bitstream.Header(self.model_id, bitstream.quality_from_x100(q100), width, height, pad_w, pad_h, check)
             return bitstream.pack(header, z_string, y_string)

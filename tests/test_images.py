@@ -39,6 +39,17 @@ def test_exif_orientation_is_applied():
     assert out.size == (10, 30)
 
 
+def test_a_callers_image_is_left_as_it_was():
+    img = Image.new("RGB", (30, 10), (1, 2, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.info["exif"] = exif.tobytes()
+    img.info["icc_profile"] = b"profile"
+    out = load_image(img)
+    assert out is not img and out.size == (10, 30) and out.info == {}
+    assert img.size == (30, 10) and img.info["icc_profile"] == b"profile"
+
+
 def test_errors_are_one_line_image_errors(tmp_path):
     with pytest.raises(ImageError, match="not a readable image"):
         load_image(b"definitely not an image")

@@ -136,6 +136,20 @@ def test_banded_integer_hyper_synthesis_equals_one_pass(golden_pipeline, band):
     assert torch.equal(whole[1].long(), mu) and torch.equal(whole[0].long(), coder.coding.scale_indexes(sigma).long())
 
 
+def test_wide_latents_take_fewer_z_rows_per_band_with_the_same_integers(golden_pipeline, monkeypatch):
+    from app.models import compressor
+
+    coder = golden_pipeline._entropy_coder()
+    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 20, 5), generator=torch.Generator().manual_seed(7))
+    whole = coder._y_parameters(z, band=100)
+    calls = []
+    monkeypatch.setattr(compressor, "Z_BAND_VALUES", 10)  # 2 rows of 5
+    monkeypatch.setattr(coder, "_integer_h_s", lambda z_fx, f=coder._integer_h_s: calls.append(z_fx.shape[2]) or f(z_fx))
+    banded = coder._y_parameters(z)
+    assert len(calls) == 10 and max(calls) == 2 + 2 * compressor.Z_HALO
+    assert all(torch.equal(a, b) for a, b in zip(whole, banded))
+
+
 def test_the_encoder_writes_no_escapes(tiny_pipeline, monkeypatch):
     """Residuals beyond a table's tail are coded as its last regular symbol: the fast decoder reads every file
     this encoder writes, and the latent the file carries (and its check) is the clamped one."""

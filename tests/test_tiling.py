@@ -124,3 +124,11 @@ def test_tiled_decode_is_the_untiled_one(tiny_pipeline, gamma, ram):
     assert tiled.band_rows(576) == 48
     diff = np.abs(decode(tiled) - untiled)
     assert diff.max() <= 1 and diff.mean() < 0.001
+
+
+def test_freed_memory_goes_back_to_the_os_on_glibc():
+    import platform
+
+    from app.bands import return_freed_memory
+
+    assert return_freed_memory() == (platform.libc_ver()[0] == "glibc")

@@ -37,7 +37,8 @@ from torch import nn
 from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis, to_float
 
 STRIDE = 64  # z lives at H/64
-Z_BAND = 16  # z rows per band of the integer h_s (64 rows of y)
+Z_BAND = 16  # z rows per band of the integer h_s (64 rows of y) at most
+Z_BAND_VALUES = 1024  # z values per band (rows × width): fewer rows in wider images, memory bounded by the band
 Z_HALO = 4  # z rows of context each side of a band: h_s reaches less than 3 (checked by the tests)
 _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
@@ -220,14 +221,16 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self._integer_h_s = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _y_parameters(self, z_symbols: torch.Tensor, band: int = Z_BAND) -> tuple[torch.Tensor, torch.Tensor]:
+    def _y_parameters(self, z_symbols: torch.Tensor, band: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale indexes as int16, μ in fixed point as int32) of y from z's integer symbols. The integer h_s runs
-        over bands of ``band`` z rows with ``Z_HALO`` rows of context: the same integers as one pass, in memory
-        bounded by the band (its float64 activations are 16 bytes per y value for the whole latent)."""
+        over bands of ``band`` z rows (default: ``Z_BAND_VALUES`` values, at most ``Z_BAND`` rows) with ``Z_HALO``
+        rows of context: the same integers as one pass, in memory bounded by the band (its float64 activations and
+        the last conv's unfolded input are about 40 bytes per y value of the band)."""
         if self._integer_h_s is None:
             self._integer_h_s = IntegerHyperSynthesis(self.h_s)
         z_fx = (z_symbols << FRAC) + self.coding.z_median_fx()
         n, _, height, width = z_fx.shape
+        band = band or min(Z_BAND, max(1, Z_BAND_VALUES // width))
         up = STRIDE // 16
         shape = (n, self.config.latent_channels, height * up, width * up)
         indexes, mu = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int32)
@@ -251,9 +254,12 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         z_symbols = torch.round(z - to_float(self.coding.z_median_fx())).long()
         z_string = self.coding.encode("z", z_symbols, self._channel_indexes(z_symbols.shape))
         indexes, mu = self._y_parameters(z_symbols)
-        y_symbols = self.coding.clamp("y", torch.round(y - to_float(mu)), indexes)  # no escapes: the fast decoder
+        residual = to_float(mu).neg_().add_(y).round_()  # round(y − μ), one temporary of y's size
+        y_symbols = self.coding.clamp("y", residual, indexes)  # no escapes: the fast decoder
+        del residual
         y_string = self.coding.encode("y", y_symbols, indexes)
-        return z_string, y_string, (y_symbols.long() << FRAC).add_(mu)
+        del indexes
+        return z_string, y_string, y_symbols.long().bitwise_left_shift_(FRAC).add_(mu)
 
     @torch.no_grad()
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
