@@ -137,10 +137,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
-    from .bands import return_freed_memory
-
-    return_freed_memory()  # peak memory of large images: freed bands go back to the OS
-
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:

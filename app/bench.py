@@ -306,10 +306,8 @@ def main(argv=None) -> dict:
         p.error("--repeats must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    from app.bands import return_freed_memory
     from app.pipeline import CheckpointError
 
-    return_freed_memory()  # as the CLI does: its peak memory is what the bench reports
     try:
         result = train_throughput(args) if args.train else run(args)
     except CheckpointError as e:

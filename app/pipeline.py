@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepSchedu
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import bitstream, tiling
+from . import bands, bitstream, tiling
 from .bitstream import BitstreamError
 from .images import MAX_PIXELS, load_image
 from .models.compressor import STRIDE, CDCCompressor
@@ -213,6 +213,7 @@ class CDCPipeline(DiffusionPipeline):
         m = self.multiple
         pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
         if self.tiled(pad_h, pad_w):
+            bands.return_freed_memory()  # large images: bounded memory over the few page faults it costs
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
             pixels = np.asarray(img)
@@ -299,6 +300,7 @@ class CDCPipeline(DiffusionPipeline):
         if not 0.0 <= gamma <= 1.0:  # also rejects NaN
             raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         if self.tiled(*self._padded_size(data)):
+            bands.return_freed_memory()
             header, y_fx = self.decode_latent(data)
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
             decoder = tiling.TiledDecoder(self, self.band_rows(header.pad_width), self.band_ram)
