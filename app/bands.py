@@ -30,19 +30,17 @@ def return_freed_memory() -> bool:
 
     glibc serves allocations above a threshold with their own pages, but raises that threshold after the first
     such free, up to 32 MiB, so the band loop's freed tensors stay in the process (on a 4096² decode about
-    400 MiB of peak RSS). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps every large tensor's pages
+    350 MiB of peak RSS). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps every large tensor's pages
     its own, returned when it is freed; it costs page faults (at 768 × 512, where nothing is tiled, the bench's
     encode took 0.31 → 0.50 s), so the pipeline sets it when it takes the tiled path."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt in it
         return False
-    return mallopt is not None and mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
+    return mallopt(-3, MMAP_THRESHOLD) == 1  # -3: M_MMAP_THRESHOLD
 
 
 class PlaneStore:

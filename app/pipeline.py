@@ -217,7 +217,7 @@ class CDCPipeline(DiffusionPipeline):
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
             pixels = np.asarray(img)
-            del img  # load_image's copy: the array holds the pixels once
+            del img  # the array holds the pixels once
             features = tiling.analysis_tiled(self.compressor, pixels, pad_h, pad_w, self.tile_size, self._analysis_margin)
             del pixels
         else:
@@ -229,8 +229,8 @@ class CDCPipeline(DiffusionPipeline):
         def encode(q100: int) -> bytes:
             self.last_probes += 1
             q = torch.tensor([q100 / 100], device=self.device)
-            y = (features * self.compressor.gain(q)).float().cpu()
-            z_string, y_string, y_fx = self._entropy_coder().compress(y)
+            y = features * self.compressor.gain(q)
+            z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
             check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
             header = bitstream.Header(self.model_id, bitstream.quality_from_x100(q100), width, height, pad_w, pad_h, check)
             return bitstream.pack(header, z_string, y_string)
