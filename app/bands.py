@@ -71,14 +71,14 @@ class PlaneStore:
 
 
 class Plane:
-    """A (1, C, H, W) activation at ``scale`` pixels per row and column, kept by a :class:`PlaneStore` row-major as
-    H × W × C (a band of rows is one run of bytes, read back as a channels-last view), with the per-channel sum and
-    sum of squares (float64 over the bands) of everything written."""
+    """A (1, C, H, W) activation at ``scale`` pixels per row and column, kept by a :class:`PlaneStore` (as C × H × W),
+    with the per-channel sum and sum of squares (float64 over the bands) of everything written."""
 
     def __init__(self, channels: int, height: int, width: int, scale: int, dtype: torch.dtype, store: PlaneStore):
         self.channels, self.height, self.width, self.scale, self.dtype = channels, height, width, scale, dtype
-        self._row_bytes = width * channels * torch.empty((), dtype=dtype).element_size()
-        self._storage = store.take((height, width, channels), dtype)
+        self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        self._row_bytes = width * self._np_dtype.itemsize
+        self._storage = store.take((channels, height, width), dtype)
         weakref.finalize(self, store.give, self._storage)
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.sumsq = torch.zeros(channels, dtype=torch.float64)
@@ -88,29 +88,28 @@ class Plane:
         rows = band.shape[-2]
         if row < 0 or row + rows > self.height or band.shape[1] != self.channels or band.shape[-1] != self.width:
             raise ValueError(f"band {tuple(band.shape)} at row {row} does not fit the plane {self.channels}×{self.height}×{self.width}")
-        in_ram = isinstance(self._storage, torch.Tensor)
-        rows_hwc = self._storage[row: row + rows] if in_ram else torch.empty((rows, self.width, self.channels), dtype=self.dtype)
-        rows_hwc.copy_(band.detach()[0].permute(1, 2, 0))
-        flat = rows_hwc.view(-1, self.channels).float().T
-        self.sum += flat.sum(1).double()
-        self.sumsq += torch.linalg.vecdot(flat, flat).double()
-        if not in_ram:
-            data = rows_hwc.view(torch.uint8).numpy()
-            if os.pwrite(self._storage.fileno(), memoryview(data).cast("B"), row * self._row_bytes) != data.nbytes:
+        b = band.detach().to("cpu", self.dtype)
+        self.sum += b.sum(dim=(0, 2, 3)).double()
+        self.sumsq += torch.einsum("bchw,bchw->c", b, b).double()
+        if isinstance(self._storage, torch.Tensor):
+            self._storage[:, row: row + rows] = b[0]
+            return
+        fd = self._storage.fileno()
+        for c, channel in enumerate(b[0].numpy()):
+            data = np.ascontiguousarray(channel)
+            if os.pwrite(fd, memoryview(data).cast("B"), (c * self.height + row) * self._row_bytes) != data.nbytes:
                 raise OSError("short write to a band file")
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as a channels-last (1, C, rows, W) tensor (a view where the plane is in RAM: not to be
-        written to). Channels-last as the untiled decode's convolutions run (the content decoder's output is): on
-        this CPU they run 1.1–1.6× faster so than on NCHW bands."""
+        """Rows [start, stop) as a (1, C, rows, W) tensor (a view where the plane is in RAM: not to be written to)."""
         if isinstance(self._storage, torch.Tensor):
-            rows_hwc = self._storage[start:stop]
-        else:
-            rows_hwc = torch.empty((stop - start, self.width, self.channels), dtype=self.dtype)
-            data = rows_hwc.view(torch.uint8).numpy()
-            if os.preadv(self._storage.fileno(), [memoryview(data).cast("B")], start * self._row_bytes) != data.nbytes:
+            return self._storage[None, :, start:stop]
+        out = np.empty((self.channels, stop - start, self.width), self._np_dtype)
+        fd = self._storage.fileno()
+        for c in range(self.channels):
+            if os.preadv(fd, [memoryview(out[c]).cast("B")], (c * self.height + start) * self._row_bytes) != out[c].nbytes:
                 raise OSError("short read from a band file")
-        return rows_hwc[None].permute(0, 3, 1, 2)
+        return torch.from_numpy(out)[None]
 
 
 def group_stats(planes: list[Plane], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
