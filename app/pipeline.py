@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import bands, bitstream, tiling
 from .bitstream import BitstreamError
-from .images import MAX_PIXELS, load_image
+from .images import MAX_PIXELS, load_image, to_array
 from .models.compressor import STRIDE, CDCCompressor
 from .models.entropy_exact import latent_sha256, to_float
 from .models.unet import CDCUNet
@@ -216,7 +216,7 @@ class CDCPipeline(DiffusionPipeline):
             bands.return_freed_memory()  # large images: bounded memory over the few page faults it costs
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
-            pixels = np.asarray(img)
+            pixels = to_array(img)
             del img  # the array holds the pixels once
             features = tiling.analysis_tiled(self.compressor, pixels, pad_h, pad_w, self.tile_size, self._analysis_margin)
             del pixels
@@ -226,17 +226,18 @@ class CDCPipeline(DiffusionPipeline):
 
         self.last_probes = 0
 
-        def encode(q100: int) -> bytes:
+        def encode(q100: int, last: bool = False) -> bytes:
+            """The file at ``q100``; the ``last`` encode gains the features in place (no second latent)."""
             self.last_probes += 1
-            q = torch.tensor([q100 / 100], device=self.device)
-            y = features * self.compressor.gain(q)
-            z_string, y_string, y_fx = self._entropy_coder().compress(y.float().cpu())
-            check = bytes.fromhex(latent_sha256(y_fx))[: bitstream.CHECK_BYTES]
+            gain = self.compressor.gain(torch.tensor([q100 / 100], device=self.device))
+            y = features.mul_(gain) if last else features * gain
+            z_string, y_string, digest = self._entropy_coder().compress(y.float().cpu())
+            check = bytes.fromhex(digest)[: bitstream.CHECK_BYTES]
             header = bitstream.Header(self.model_id, bitstream.quality_from_x100(q100), width, height, pad_w, pad_h, check)
             return bitstream.pack(header, z_string, y_string)
 
         if q100 is not None:
-            return encode(q100)
+            return encode(q100, last=True)
         if bpp is not None:
             max_bytes = math.floor(bpp * width * height / 8)
         return self._largest_within(encode, int(max_bytes))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.images import ImageError, load_image
+from app.images import ImageError, load_image, to_array
 
 
 def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -60,3 +60,9 @@ def test_errors_are_one_line_image_errors(tmp_path):
     png = encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
     with pytest.raises(ImageError):
         load_image(png[: len(png) // 2])
+
+
+def test_to_array_copies_the_pixels_strip_by_strip():
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    out = to_array(Image.fromarray(pixels), rows=8)
+    assert out.dtype == np.uint8 and np.array_equal(out, pixels)

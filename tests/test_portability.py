@@ -95,6 +95,20 @@ def test_quality_beyond_the_model_is_refused(tiny_pipeline):
         tiny_pipeline.decompress(pack(dataclasses.replace(header, quality=top + 0.01), z, y), progress=False)
 
 
+def test_latent_hash_in_chunks_and_from_symbols_and_mu_is_the_whole_latents(monkeypatch):
+    import hashlib
+
+    from app.models import entropy_exact
+
+    gen = torch.Generator().manual_seed(3)
+    symbols = torch.randint(-40, 41, (1, 4, 5, 7), generator=gen, dtype=torch.int32)
+    mu = torch.randint(-(1 << 24), 1 << 24, symbols.shape, generator=gen, dtype=torch.int32)
+    y_fx = (symbols.long() << FRAC) + mu
+    whole = hashlib.sha256(y_fx.numpy().astype("<i8").tobytes()).hexdigest()
+    monkeypatch.setattr(entropy_exact, "CHUNK", 9)
+    assert latent_sha256(y_fx) == latent_sha256(symbols, mu) == whole
+
+
 def test_integer_hyper_synthesis_matches_the_float_one():
     h_s = load_pipeline().compressor.h_s
     torch.manual_seed(0)
@@ -123,31 +137,30 @@ def test_exported_files_verify_elsewhere_against_the_hashes_from_where_they_were
     assert found == {name: written for name in settings}
 
 
-@pytest.mark.parametrize("band", [1, 2, 3])
-def test_banded_integer_hyper_synthesis_equals_one_pass(golden_pipeline, band):
-    """h_s over bands of z rows with their halo gives the integers of one pass (it reaches less than the halo)."""
+@pytest.mark.parametrize("tile", [1, 2, 3])
+def test_tiled_integer_hyper_synthesis_equals_one_pass(golden_pipeline, tile):
+    """h_s over tiles of z with their halo gives the integers of one pass (it reaches less than the halo)."""
     coder = golden_pipeline._entropy_coder()
-    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 9, 5), generator=torch.Generator().manual_seed(band))
-    whole = coder._y_parameters(z, band=100)
-    banded = coder._y_parameters(z, band=band)
+    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 9, 5), generator=torch.Generator().manual_seed(tile))
+    whole = coder._y_parameters(z, tile=100)
+    tiled = coder._y_parameters(z, tile=tile)
     assert whole[0].dtype == torch.int16 and whole[1].dtype == torch.int32
-    assert all(torch.equal(a, b) for a, b in zip(whole, banded))
+    assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
     sigma, mu = IntegerHyperSynthesis(coder.h_s)((z << FRAC) + coder.coding.z_median_fx())
     assert torch.equal(whole[1].long(), mu) and torch.equal(whole[0].long(), coder.coding.scale_indexes(sigma).long())
 
 
-def test_wide_latents_take_fewer_z_rows_per_band_with_the_same_integers(golden_pipeline, monkeypatch):
+def test_large_latents_take_tiles_bounded_on_both_sides_with_the_same_integers(golden_pipeline, monkeypatch):
     from app.models import compressor
 
     coder = golden_pipeline._entropy_coder()
-    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 20, 5), generator=torch.Generator().manual_seed(7))
-    whole = coder._y_parameters(z, band=100)
+    z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 20, 13), generator=torch.Generator().manual_seed(7))
+    whole = coder._y_parameters(z, tile=100)
     calls = []
-    monkeypatch.setattr(compressor, "Z_BAND_VALUES", 10)  # 2 rows of 5
-    monkeypatch.setattr(coder, "_integer_h_s", lambda z_fx, f=coder._integer_h_s: calls.append(z_fx.shape[2]) or f(z_fx))
-    banded = coder._y_parameters(z)
-    assert len(calls) == 10 and max(calls) == 2 + 2 * compressor.Z_HALO
-    assert all(torch.equal(a, b) for a, b in zip(whole, banded))
+    monkeypatch.setattr(coder, "_integer_h_s", lambda z_fx, f=coder._integer_h_s: calls.append(z_fx.shape[2:]) or f(z_fx))
+    tiled = coder._y_parameters(z, tile=4)
+    assert len(calls) == 5 * 4 and max(max(shape) for shape in calls) == 4 + 2 * compressor.Z_HALO
+    assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
 
 
 def test_the_encoder_writes_no_escapes(tiny_pipeline, monkeypatch):

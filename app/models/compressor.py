@@ -34,12 +34,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .entropy_exact import FRAC, CodingTables, IntegerHyperSynthesis, to_float
+from .entropy_exact import CHUNK, FRAC, CodingTables, IntegerHyperSynthesis, latent_sha256, to_float
 
 STRIDE = 64  # z lives at H/64
-Z_BAND = 16  # z rows per band of the integer h_s (64 rows of y) at most
-Z_BAND_VALUES = 1024  # z values per band (rows × width): fewer rows in wider images, memory bounded by the band
-Z_HALO = 4  # z rows of context each side of a band: h_s reaches less than 3 (checked by the tests)
+Z_TILE = 24  # z rows and columns per tile of the integer h_s at most (96 × 96 values of y): memory bounded by the tile
+Z_HALO = 4  # z cells of context each side of a tile: h_s reaches less than 3 (checked by the tests)
 _CDF_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
 
 
@@ -221,26 +220,29 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self._integer_h_s = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _y_parameters(self, z_symbols: torch.Tensor, band: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _y_parameters(self, z_symbols: torch.Tensor, tile: int = Z_TILE) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale indexes as int16, μ in fixed point as int32) of y from z's integer symbols. The integer h_s runs
-        over bands of ``band`` z rows (default: ``Z_BAND_VALUES`` values, at most ``Z_BAND`` rows) with ``Z_HALO``
-        rows of context: the same integers as one pass, in memory bounded by the band (its float64 activations and
-        the last conv's unfolded input are about 40 bytes per y value of the band)."""
+        over tiles of at most ``tile`` × ``tile`` z cells with ``Z_HALO`` cells of context on every side: the same
+        integers as one pass (exact arithmetic, and h_s reaches less than the halo), in memory bounded by the tile
+        (its float64 activations and the last conv's unfolded input are about 40 bytes per y value)."""
         if self._integer_h_s is None:
             self._integer_h_s = IntegerHyperSynthesis(self.h_s)
         z_fx = (z_symbols << FRAC) + self.coding.z_median_fx()
         n, _, height, width = z_fx.shape
-        band = band or min(Z_BAND, max(1, Z_BAND_VALUES // width))
         up = STRIDE // 16
         shape = (n, self.config.latent_channels, height * up, width * up)
         indexes, mu = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int32)
-        for a in range(0, height, band):
-            b = min(a + band, height)
-            lo, hi = max(a - Z_HALO, 0), min(b + Z_HALO, height)
-            sigma, mu_band = self._integer_h_s(z_fx[:, :, lo:hi])
-            rows = slice((a - lo) * up, (b - lo) * up)
-            indexes[:, :, a * up:b * up] = self.coding.scale_indexes(sigma[:, :, rows])
-            mu[:, :, a * up:b * up] = mu_band[:, :, rows]  # |μ| ≤ 2^24 (h_s clamps)
+        for a in range(0, height, tile):
+            b = min(a + tile, height)
+            top, bottom = max(a - Z_HALO, 0), min(b + Z_HALO, height)
+            rows = slice((a - top) * up, (b - top) * up)
+            for c in range(0, width, tile):
+                d = min(c + tile, width)
+                left, right = max(c - Z_HALO, 0), min(d + Z_HALO, width)
+                cols = slice((c - left) * up, (d - left) * up)
+                sigma, mu_tile = self._integer_h_s(z_fx[:, :, top:bottom, left:right])
+                indexes[:, :, a * up:b * up, c * up:d * up] = self.coding.scale_indexes(sigma[:, :, rows, cols])
+                mu[:, :, a * up:b * up, c * up:d * up] = mu_tile[:, :, rows, cols]  # |μ| ≤ 2^24 (h_s clamps)
         return indexes, mu
 
     @staticmethod
@@ -248,18 +250,22 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         return torch.arange(shape[1]).view(1, -1, 1, 1).expand(*shape)
 
     @torch.no_grad()
-    def compress(self, y: torch.Tensor) -> tuple[bytes, bytes, torch.Tensor]:
-        """Entropy-code a gained latent ``y`` (CPU, fp32): (z string, y string, ŷ · 2^FRAC as int64)."""
+    def compress(self, y: torch.Tensor) -> tuple[bytes, bytes, str]:
+        """Entropy-code a gained latent ``y`` (CPU, fp32): (z string, y string, ``latent_sha256`` of ŷ · 2^FRAC).
+        The residuals round(y − μ) are formed ``CHUNK`` values at a time: no temporary of y's size."""
         z = self.h_a(y)  # floats only up to the symbols, which the file carries
         z_symbols = torch.round(z - to_float(self.coding.z_median_fx())).long()
         z_string = self.coding.encode("z", z_symbols, self._channel_indexes(z_symbols.shape))
         indexes, mu = self._y_parameters(z_symbols)
-        residual = to_float(mu).neg_().add_(y).round_()  # round(y − μ), one temporary of y's size
-        y_symbols = self.coding.clamp("y", residual, indexes)  # no escapes: the fast decoder
-        del residual
-        y_string = self.coding.encode("y", y_symbols, indexes)
-        del indexes
-        return z_string, y_string, y_symbols.long().bitwise_left_shift_(FRAC).add_(mu)
+        y_symbols = torch.empty(y.shape, dtype=torch.int32)
+        flat_y, flat_mu, flat_i, out = y.reshape(-1), mu.view(-1), indexes.view(-1), y_symbols.view(-1)
+        for a in range(0, len(flat_y), CHUNK):
+            part = slice(a, a + CHUNK)
+            residual = to_float(flat_mu[part]).neg_().add_(flat_y[part]).round_()
+            out[part] = self.coding.clamp("y", residual, flat_i[part])  # no escapes: the fast decoder
+        digest = latent_sha256(y_symbols, mu)
+        del mu  # before the range coder's buffer grows
+        return z_string, self.coding.encode("y", y_symbols, indexes), digest
 
     @torch.no_grad()
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:

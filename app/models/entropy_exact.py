@@ -106,14 +106,22 @@ class IntegerHyperSynthesis:
 
 def to_float(x_fx: torch.Tensor) -> torch.Tensor:
     """A fixed-point tensor as float32 (exact below 2^24 · 2^-FRAC, correctly rounded above)."""
-    return x_fx.float() * 2.0**-FRAC
+    return x_fx.float().mul_(2.0**-FRAC)
 
 
-def latent_sha256(y_fx: torch.Tensor) -> str:
-    """SHA-256 (hex) of ŷ · 2^12 as little-endian int64 in C order (N, C, H, W): the exact latent (hashed in
-    place, without a copy of an int64 latent)."""
-    data = y_fx.to(torch.int64).cpu().contiguous().numpy().astype("<i8", copy=False)
-    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+def latent_sha256(y_fx: torch.Tensor, mu_fx: torch.Tensor | None = None) -> str:
+    """SHA-256 (hex) of ŷ · 2^12 as little-endian int64 in C order (N, C, H, W): the exact latent, given whole
+    (``y_fx``) or as symbols and μ (ŷ · 2^12 = symbol · 2^12 + μ), hashed ``CHUNK`` values at a time (no int64
+    copy of a large latent)."""
+    h = hashlib.sha256()
+    flat = y_fx.reshape(-1)
+    mu = None if mu_fx is None else mu_fx.reshape(-1)
+    for a in range(0, len(flat), CHUNK):
+        chunk = flat[a:a + CHUNK].to(torch.int64)
+        if mu is not None:
+            chunk = chunk.bitwise_left_shift(FRAC).add_(mu[a:a + CHUNK])
+        h.update(memoryview(chunk.cpu().numpy().astype("<i8", copy=False)).cast("B"))
+    return h.hexdigest()
 
 
 class CodingTables(nn.Module):
@@ -166,12 +174,8 @@ class CodingTables(nn.Module):
         table's tail, rare (about one latent value in 10^5, 1–4 bins beyond), is coded as the table's last symbol."""
         low = getattr(self, f"{prefix}_offset")
         high = low + getattr(self, f"{prefix}_cdf_length") - 3
-        out = torch.empty(symbols.shape, dtype=torch.int32)
-        flat, index, flat_out = symbols.reshape(-1), indexes.reshape(-1), out.view(-1)
-        for a in range(0, len(flat), CHUNK):
-            i = index[a:a + CHUNK].long()
-            flat_out[a:a + CHUNK] = torch.minimum(torch.maximum(flat[a:a + CHUNK], low[i]), high[i])
-        return out
+        i = indexes.long()
+        return torch.minimum(torch.maximum(symbols, low[i]), high[i]).int()
 
     def encode(self, prefix: str, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
         """Range-code integer ``symbols`` with CDF ``indexes`` (compressai's rANS coder, fed ``CHUNK`` symbols at a
