@@ -304,10 +304,14 @@ class CDCPipeline(DiffusionPipeline):
             bands.return_freed_memory()
             header, y_fx = self.decode_latent(data)
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
-            decoder = tiling.TiledDecoder(self, self.band_rows(header.pad_width), self.band_ram)
+            decoder = tiling.TiledDecoder(self, header.pad_height, header.pad_width, self.band_rows(header.pad_width),
+                                          self.band_ram)
             y_hat = to_float(y_fx)
-            del y_fx  # the band loop holds ŷ once
-            pixels = decoder(y_hat, q, header.height, header.width, float(rho), steps, gamma, generator)
+            del y_fx  # ŷ held once, as floats
+            planes = decoder.content(y_hat, q)
+            del y_hat  # the UNet's bands need the planes only
+            pixels = decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
+            del planes  # before the image's copy
             return PIL.Image.fromarray(pixels, "RGB")
         header, content, x_base = self.decode_content(data)
         self.set_progress_bar_config(disable=not progress)

@@ -168,17 +168,42 @@ class TiledDecoder:
     """Decodes ŷ band by band into an 8-bit image: the content decoder on the latent rows that hold its reach, the
     UNet layer by layer (:class:`app.bands.BandedUNet`), the scheduler step per band; see the module docstring."""
 
-    def __init__(self, pipe, band: int, ram_bytes: int):
+    def __init__(self, pipe, pad_h: int, pad_w: int, band: int, ram_bytes: int):
         if pipe.unet.downscale_factor % ALIGN and ALIGN % pipe.unet.downscale_factor:
             raise ValueError(f"the UNet's downscale factor {pipe.unet.downscale_factor} does not divide into {ALIGN}")
-        self.pipe, self.band, self.ram_bytes = pipe, band, ram_bytes
+        self.pipe = pipe
+        self.runner = bands.BandRunner(pad_h, pad_w, band, pipe.device, pipe.unet.dtype, ram_bytes)
 
     @torch.no_grad()
-    def __call__(self, y_hat, quality, height, width, rho, steps, gamma, generator) -> np.ndarray:
-        pipe = self.pipe
-        pad_h, pad_w = y_hat.shape[-2] * ALIGN, y_hat.shape[-1] * ALIGN
-        runner = bands.BandRunner(pad_h, pad_w, self.band, pipe.device, pipe.unet.dtype, self.ram_bytes)
-        *pyramid, x_base = self._content(runner, y_hat, quality)
+    def content(self, y_hat, quality) -> list[bands.Plane]:
+        """Planes of the content pyramid and x_base. Each band is decoded in windows of at most ``pipe.tile_size``
+        columns, each window from the latent cells that hold the decoder's reach around it, so that the decoder's
+        full-resolution activations are bounded by the window, not the image's width."""
+        pipe, runner = self.pipe, self.runner
+        margin = content_margin(pipe.compressor, quality)
+        columns = axis_windows(runner.width, pipe.tile_size, margin)
+        planes = None
+        for r0, r1 in runner.bands():
+            la, lb = max(r0 - margin, 0) // ALIGN, min(r1 + margin, runner.height) // ALIGN
+            pieces = []
+            for c0, c1, w0, w1 in columns:
+                latent = y_hat[..., la:lb, w0 // ALIGN: w1 // ALIGN].to(pipe.device, pipe.compressor.dtype)
+                feats = _flat(pipe.compressor.content(latent, quality))
+                scales = [(lb - la) * ALIGN // f.shape[-2] for f in feats]
+                rows = [slice((r0 - la * ALIGN) // s, (r1 - la * ALIGN) // s) for s in scales]
+                pieces.append([f[..., r, (c0 - w0) // s: (c1 - w0) // s] for f, r, s in zip(feats, rows, scales)])
+            if planes is None:
+                planes = [runner.plane(f.shape[1], s) for f, s in zip(pieces[0], scales)]
+            for plane, s, parts in zip(planes, scales, zip(*pieces)):
+                plane.write(r0 // s, torch.cat(parts, dim=-1))
+        return planes
+
+    @torch.no_grad()
+    def denoise(self, planes, height, width, rho, steps, gamma, generator) -> np.ndarray:
+        """The 8-bit image (height × width) from the content planes: K steps of the banded UNet from x_K = γ·ε."""
+        pipe, runner = self.pipe, self.runner
+        pad_h, pad_w = runner.height, runner.width
+        *pyramid, x_base = planes
         cores = runner.bands()
         x = runner.plane(3, 1)
         noise = self._noise((1, 3, pad_h, pad_w), generator, [r0 for r0, _ in cores]) if gamma > 0 else None
@@ -217,18 +242,3 @@ class TiledDecoder:
         if on_cpu and self.pipe.unet.dtype == torch.float32:
             return WholeNoise(shape, generator, starts)
         return _DrawnNoise(randn_tensor(shape, generator=generator, device=self.pipe.device, dtype=self.pipe.unet.dtype))
-
-    def _content(self, runner, y_hat, quality) -> list[bands.Plane]:
-        """Planes of the content pyramid and x_base, each band from the latent rows that hold the decoder's reach."""
-        pipe = self.pipe
-        margin = content_margin(pipe.compressor, quality)
-        planes = None
-        for r0, r1 in runner.bands():
-            la, lb = max(r0 - margin, 0) // ALIGN, min(r1 + margin, runner.height) // ALIGN
-            feats = _flat(pipe.compressor.content(y_hat[..., la:lb, :].to(pipe.device, pipe.compressor.dtype), quality))
-            scales = [(lb - la) * ALIGN // f.shape[-2] for f in feats]
-            if planes is None:
-                planes = [runner.plane(f.shape[1], s) for f, s in zip(feats, scales)]
-            for plane, f, s in zip(planes, feats, scales):
-                plane.write(r0 // s, f[..., (r0 - la * ALIGN) // s: (r1 - la * ALIGN) // s, :])
-        return planes

@@ -264,12 +264,18 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
             residual = to_float(flat_mu[part]).neg_().add_(flat_y[part]).round_()
             out[part] = self.coding.clamp("y", residual, flat_i[part])  # no escapes: the fast decoder
         digest = latent_sha256(y_symbols, mu)
-        del mu  # before the range coder's buffer grows
+        del mu, flat_mu  # before the range coder's buffer grows
         return z_string, self.coding.encode("y", y_symbols, indexes), digest
 
     @torch.no_grad()
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
         """ŷ · 2^FRAC (int64, exact) from the two strings and the spatial shape of z."""
         z_symbols = self.coding.decode("z", z_string, self._channel_indexes((1, self.config.hyper_channels, *shape)))
+        up = STRIDE // 16
+        read_y = self.coding.reader("y", y_string, self.config.latent_channels * shape[0] * up * shape[1] * up)
         indexes, mu = self._y_parameters(z_symbols)
-        return self.coding.decode("y", y_string, indexes).bitwise_left_shift_(FRAC).add_(mu)
+        y_fx = read_y(indexes)
+        flat, flat_mu = y_fx.view(-1), mu.view(-1)
+        for a in range(0, len(flat), CHUNK):  # int32 μ widened a chunk at a time, not as a whole int64 copy
+            flat[a:a + CHUNK].bitwise_left_shift_(FRAC).add_(flat_mu[a:a + CHUNK])
+        return y_fx

@@ -189,7 +189,12 @@ class CodingTables(nn.Module):
 
     def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
         """The symbols (int64) of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
-        cannot be one this coder wrote.
+        cannot be one this coder wrote. See :meth:`reader`."""
+        return self.reader(prefix, string, indexes.numel())(indexes)
+
+    def reader(self, prefix: str, string: bytes, count: int):
+        """``read(indexes)``: :meth:`decode` of ``string``'s ``count`` symbols, with the stream set up now (its padded
+        copies, 12 bytes per symbol at their peak, come and go before the caller builds the indexes).
 
         compressai's decoder reads one 32-bit word at most per symbol, except in the escape that codes a value
         outside the table, whose reads only the data bound. It runs here with the escape unreachable (each CDF
@@ -201,20 +206,26 @@ class CodingTables(nn.Module):
         """
         if len(string) % 4 or len(string) < 8:
             raise ValueError(f"a rANS string is whole 32-bit words, at least two ({len(string)} bytes)")
-        flat = indexes.reshape(-1)
         cdfs, lengths, offsets = self._coder_args(prefix)
         unreachable = [c + [1 << _PRECISION] for c in cdfs], [n + 1 for n in lengths], offsets
         decoder = ans.RansDecoder()
-        decoder.set_stream(bytes(string) + bytes(max(0, 4 * (2 + len(flat)) - len(string))))
+        decoder.set_stream(bytes(string).ljust(4 * (2 + count), b"\0"))
         escape = (getattr(self, f"{prefix}_offset") + getattr(self, f"{prefix}_cdf_length") - 2).int()
-        symbols = torch.empty(len(flat), dtype=torch.int64)
-        for a in range(0, len(flat), CHUNK):
-            chunk = flat[a:a + CHUNK]
-            symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
-            if bool((symbols[a:a + CHUNK] == escape[chunk.long()]).any()):
-                symbols = decode_checked(string, flat, cdfs, lengths, offsets)
-                break
-        return symbols.reshape(indexes.shape)
+
+        def read(indexes: torch.Tensor) -> torch.Tensor:
+            flat = indexes.reshape(-1)
+            if len(flat) != count:
+                raise ValueError(f"{len(flat)} indexes for a stream of {count} symbols")
+            symbols = torch.empty(count, dtype=torch.int64)
+            for a in range(0, count, CHUNK):
+                chunk = flat[a:a + CHUNK]
+                symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
+                if bool((symbols[a:a + CHUNK] == escape[chunk.long()]).any()):
+                    symbols = decode_checked(string, flat, cdfs, lengths, offsets)
+                    break
+            return symbols.reshape(indexes.shape)
+
+        return read
 
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
         """Index of σ in the scale table (int16), by integer comparison: #{bounds < σ} (compressai's rule)."""
