@@ -15,9 +15,9 @@ Training uses the float h_s; real files use its exact integer version and the st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +230,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         z_fx = (z_symbols << FRAC) + self.coding.z_median_fx()
         n, _, height, width = z_fx.shape
         up = STRIDE // 16
-        shape = (n, self.config.latent_channels, height * up, width * up)
+        shape = self._y_shape(z_fx.shape)
         indexes, mu = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int32)
         for a in range(0, height, tile):
             b = min(a + tile, height)
@@ -244,6 +244,11 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
                 indexes[:, :, a * up:b * up, c * up:d * up] = self.coding.scale_indexes(sigma[:, :, rows, cols])
                 mu[:, :, a * up:b * up, c * up:d * up] = mu_tile[:, :, rows, cols]  # |μ| ≤ 2^24 (h_s clamps)
         return indexes, mu
+
+    def _y_shape(self, z_shape) -> tuple[int, int, int, int]:
+        """(N, C, H, W) of y for a z of ``z_shape`` (y at H/16, z at H/64)."""
+        n, _, height, width = z_shape
+        return n, self.config.latent_channels, height * STRIDE // 16, width * STRIDE // 16
 
     @staticmethod
     def _channel_indexes(shape) -> torch.Tensor:
@@ -271,8 +276,7 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
         """ŷ · 2^FRAC (int64, exact) from the two strings and the spatial shape of z."""
         z_symbols = self.coding.decode("z", z_string, self._channel_indexes((1, self.config.hyper_channels, *shape)))
-        up = STRIDE // 16
-        read_y = self.coding.reader("y", y_string, self.config.latent_channels * shape[0] * up * shape[1] * up)
+        read_y = self.coding.reader("y", y_string, math.prod(self._y_shape(z_symbols.shape)))
         indexes, mu = self._y_parameters(z_symbols)
         y_fx = read_y(indexes)
         flat, flat_mu = y_fx.view(-1), mu.view(-1)
