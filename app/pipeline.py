@@ -40,7 +40,7 @@ class CheckpointError(FileNotFoundError):
 
 TILE_SIZE = 1024  # window side (pixels) of tiled coding
 BAND_PIXELS = 1 << 20  # pixels per row band of tiled decoding (app.bands): the band's memory, not the image's
-BAND_RAM = 256 << 20  # bytes of a tiled decode's activations kept in RAM; the rest goes to files (app.bands)
+BAND_RAM = 0  # bytes of a tiled decode's planes kept in RAM, the rest in files (app.bands): files cost no time here
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.
@@ -213,7 +213,7 @@ class CDCPipeline(DiffusionPipeline):
         m = self.multiple
         pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
         if self.tiled(pad_h, pad_w):
-            bands.return_freed_memory()  # large images: bounded memory over the few page faults it costs
+            bands.reuse_freed_memory()  # large images: freed band tensors reused, not faulted in again
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
             pixels = to_array(img)
@@ -301,7 +301,7 @@ class CDCPipeline(DiffusionPipeline):
         if not 0.0 <= gamma <= 1.0:  # also rejects NaN
             raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         if self.tiled(*self._padded_size(data)):
-            bands.return_freed_memory()
+            bands.reuse_freed_memory()
             header, y_fx = self.decode_latent(data)
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
             decoder = tiling.TiledDecoder(self, header.pad_height, header.pad_width, self.band_rows(header.pad_width),
