@@ -12,6 +12,7 @@ the budget, not the image's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import weakref
@@ -22,26 +23,52 @@ import torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
 
 ALIGN = 16  # band edges on multiples of the coarsest plane's scale (pixels per row at H/16)
-MMAP_THRESHOLD = 1 << 30  # bytes: only allocations from this size up get pages of their own (see reuse_freed_memory)
-TRIM_THRESHOLD = 128 << 20  # bytes of free memory at the heap's top kept for reuse; beyond it, returned to the OS
+MMAP_THRESHOLD = 4 << 20  # bytes: allocations from this size up get pages of their own (see return_freed_memory)
+REUSE_THRESHOLD = 64 << 20  # the same inside a band loop (see reused_memory)
+TRIM_THRESHOLD = 128 << 10  # glibc's default: free memory at the heap's top beyond this goes back to the OS
 
 
-def reuse_freed_memory() -> bool:
-    """Serve large tensors from glibc's heap, so that the band loop reuses freed memory (glibc only; False elsewhere).
-
-    glibc gives each allocation above its mmap threshold (adaptive, at most 32 MiB) pages of its own and unmaps
-    them when it is freed, so every band tensor costs fresh pages, faulted in and zeroed by the kernel: a
-    4032 × 3024 decode faulted 27 GiB in and took 32.8 s on this CPU. Served from the heap (threshold 1 GiB, the
-    heap's free top trimmed beyond 128 MiB) the same decode faults under 1 GiB in and takes about 22 s, and its
-    encode 9.7 → 5–6 s; peak RSS stays within ±0.2 GiB, as the heap holds what the bands need, not the image."""
+def _libc(name: str):
+    """A function of the C library, or None where there is none by that name (not glibc)."""
     import ctypes
     import ctypes.util
 
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt in it
-        return False
-    return mallopt(-3, MMAP_THRESHOLD) == 1 and mallopt(-1, TRIM_THRESHOLD) == 1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Let freed tensors' memory go back to the OS (glibc only; False elsewhere).
+
+    glibc serves allocations above a threshold with their own pages, but raises that threshold after the first
+    such free, up to 32 MiB, so freed whole-image arrays stay in the process (on a 4096² decode about 350 MiB of
+    peak RSS). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps every large array's pages its own,
+    returned when it is freed; the pipeline sets it when it takes the tiled path."""
+    mallopt = _libc("mallopt")
+    return mallopt is not None and mallopt(-3, MMAP_THRESHOLD) == 1  # -3: M_MMAP_THRESHOLD
+
+
+@contextlib.contextmanager
+def reused_memory():
+    """Inside: tensors up to 64 MiB come from the heap, so that a band loop reuses the memory it frees; after: the
+    fixed threshold again, and the heap's free pages back to the OS (``malloc_trim``). Without it every band
+    tensor costs fresh pages, faulted in and zeroed by the kernel: a 4032 × 3024 decode faulted 27 GiB in and took
+    32.8 s on this CPU, about 22 s in reused memory, at the same peak RSS (8192²: 257 → 189 s, 1.67 → 1.66 GiB).
+    The decoder uses it; g_a's windows do not (at 8192² 64 → 44 s, but 1.75 → 1.94 GiB). No-op off glibc."""
+    mallopt, malloc_trim = _libc("mallopt"), _libc("malloc_trim")
+    if mallopt is None or malloc_trim is None:
+        yield
+        return
+    mallopt(-3, REUSE_THRESHOLD)
+    mallopt(-1, 2 * REUSE_THRESHOLD)  # -1: M_TRIM_THRESHOLD
+    try:
+        yield
+    finally:
+        mallopt(-3, MMAP_THRESHOLD)
+        mallopt(-1, TRIM_THRESHOLD)
+        malloc_trim(0)
 
 
 class PlaneStore:

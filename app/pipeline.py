@@ -213,7 +213,7 @@ class CDCPipeline(DiffusionPipeline):
         m = self.multiple
         pad_w, pad_h = -(-width // m) * m, -(-height // m) * m
         if self.tiled(pad_h, pad_w):
-            bands.reuse_freed_memory()  # large images: freed band tensors reused, not faulted in again
+            bands.return_freed_memory()  # large images: bounded memory over the few page faults it costs
             if self._analysis_margin is None:
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
             pixels = to_array(img)
@@ -301,16 +301,17 @@ class CDCPipeline(DiffusionPipeline):
         if not 0.0 <= gamma <= 1.0:  # also rejects NaN
             raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         if self.tiled(*self._padded_size(data)):
-            bands.reuse_freed_memory()
+            bands.return_freed_memory()
             header, y_fx = self.decode_latent(data)
             q = torch.tensor([header.quality_x100 / 100], device=self.device)
             decoder = tiling.TiledDecoder(self, header.pad_height, header.pad_width, self.band_rows(header.pad_width),
                                           self.band_ram)
             y_hat = to_float(y_fx)
             del y_fx  # ŷ held once, as floats
-            planes = decoder.content(y_hat, q)
-            del y_hat  # the UNet's bands need the planes only
-            pixels = decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
+            with bands.reused_memory():
+                planes = decoder.content(y_hat, q)
+                del y_hat  # the UNet's bands need the planes only
+                pixels = decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
             del planes  # before the image's copy
             return PIL.Image.fromarray(pixels, "RGB")
         header, content, x_base = self.decode_content(data)

@@ -126,9 +126,9 @@ def test_tiled_decode_is_the_untiled_one(tiny_pipeline, gamma, ram):
     assert diff.max() <= 1 and diff.mean() < 0.001
 
 
-def test_freed_memory_is_reused_on_glibc():
+def test_freed_memory_goes_back_to_the_os_on_glibc():
     import platform
 
-    from app.bands import reuse_freed_memory
+    from app.bands import return_freed_memory
 
-    assert reuse_freed_memory() == (platform.libc_ver()[0] == "glibc")
+    assert return_freed_memory() == (platform.libc_ver()[0] == "glibc")
