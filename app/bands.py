@@ -72,42 +72,49 @@ def reused_memory():
 
 
 class PlaneStore:
-    """Where planes keep their values: in RAM while the planes alive take at most ``ram_bytes``, beyond that in
-    anonymous files, which dropped planes hand back for reuse (rewriting a file's pages is about ten times faster
-    here than growing a new file: 4.9 against 0.5 GB/s into the page cache)."""
+    """Where planes keep their values. Planes that live through a whole UNet pass (``lasting``: the content planes
+    and the skips) in anonymous files; the others in RAM buffers, up to ``ram_bytes`` of them, beyond that in files
+    too. Dropped planes hand their buffer or file back for reuse: a reused buffer costs no page faults, and
+    rewriting a file's pages is about ten times faster here than growing a new file (4.9 against 0.5 GB/s into the
+    page cache). On a 2-core CPU a 4032 × 3024 UNet pass took 14.9 s all in files, 12.1 s with 256 MiB of buffers."""
 
     def __init__(self, ram_bytes: int):
         self.ram_left = ram_bytes
-        self._files = []
+        self._buffers, self._files = [], []
 
-    def take(self, shape: tuple, dtype: torch.dtype):
-        """A (C, H, W) tensor if it fits the RAM left, else a file of that size."""
+    def take(self, shape: tuple, dtype: torch.dtype, lasting: bool = False):
+        """(handle, storage): a (C, H, W) tensor if the plane is not ``lasting`` and a free RAM buffer holds it or the
+        RAM left does, else a file of that size."""
         size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        if size <= self.ram_left:
-            self.ram_left -= size
-            return torch.empty(shape, dtype=dtype)
+        if not lasting:
+            fits = [i for i, b in enumerate(self._buffers) if b.numel() >= size]
+            if fits or size <= self.ram_left:
+                if fits:
+                    buf = self._buffers.pop(min(fits, key=lambda i: self._buffers[i].numel()))
+                else:
+                    buf = torch.empty(size, dtype=torch.uint8)
+                    self.ram_left -= size
+                return buf, buf[:size].view(dtype).view(shape)
         f = self._files.pop() if self._files else tempfile.TemporaryFile()
         if os.fstat(f.fileno()).st_size < size:
             f.truncate(size)
-        return f
+        return f, f
 
-    def give(self, storage) -> None:
-        if isinstance(storage, torch.Tensor):
-            self.ram_left += storage.numel() * storage.element_size()
-        else:
-            self._files.append(storage)
+    def give(self, handle) -> None:
+        (self._buffers if isinstance(handle, torch.Tensor) else self._files).append(handle)
 
 
 class Plane:
     """A (1, C, H, W) activation at ``scale`` pixels per row and column, kept by a :class:`PlaneStore` (as C × H × W),
     with the per-channel sum and sum of squares (float64 over the bands) of everything written."""
 
-    def __init__(self, channels: int, height: int, width: int, scale: int, dtype: torch.dtype, store: PlaneStore):
+    def __init__(self, channels: int, height: int, width: int, scale: int, dtype: torch.dtype, store: PlaneStore,
+                 lasting: bool = False):
         self.channels, self.height, self.width, self.scale, self.dtype = channels, height, width, scale, dtype
         self._np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         self._row_bytes = width * self._np_dtype.itemsize
-        self._storage = store.take((channels, height, width), dtype)
-        weakref.finalize(self, store.give, self._storage)
+        handle, self._storage = store.take((channels, height, width), dtype, lasting)
+        weakref.finalize(self, store.give, handle)
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.sumsq = torch.zeros(channels, dtype=torch.float64)
 
@@ -170,18 +177,19 @@ class BandRunner:
         self.height, self.width, self.band, self.device, self.dtype = height, width, band, device, dtype
         self.store = PlaneStore(ram_bytes)
 
-    def bands(self):
-        """Core bands (first row, end row) in pixels."""
-        return [(r, min(r + self.band, self.height)) for r in range(0, self.height, self.band)]
+    def bands(self, rows: int | None = None):
+        """Core bands (first row, end row) in pixels, of ``rows`` rows (default: the runner's band)."""
+        rows = rows or self.band
+        return [(r, min(r + rows, self.height)) for r in range(0, self.height, rows)]
 
-    def plane(self, channels: int, scale: int) -> Plane:
-        return Plane(channels, self.height // scale, self.width // scale, scale, self.dtype, self.store)
+    def plane(self, channels: int, scale: int, lasting: bool = False) -> Plane:
+        return Plane(channels, self.height // scale, self.width // scale, scale, self.dtype, self.store, lasting)
 
-    def run(self, fn, inputs: list[Plane], channels: int, scale: int, reach: int) -> Plane:
+    def run(self, fn, inputs: list[Plane], channels: int, scale: int, reach: int, lasting: bool = False) -> Plane:
         """The plane of ``fn(*bands of inputs)``, an output at ``scale`` with ``channels`` channels whose rows depend
         on input rows at most ``reach`` pixels away: each band is read that much wider (clipped at the image's
         edges, aligned to every plane's rows) and the output cropped to the core."""
-        out = self.plane(channels, scale)
+        out = self.plane(channels, scale, lasting)
         step = max([scale] + [p.scale for p in inputs])
         for r0, r1 in self.bands():
             a = max(0, (r0 - reach) // step * step)
@@ -221,7 +229,7 @@ class BandedUNet:
         skips = []
         for i, blocks in enumerate(unet.down):
             for block in blocks:
-                h = self._resnet(block, [h], temb)
+                h = self._resnet(block, [h], temb, lasting=True)
                 skips.append(h)
             if i < len(unet.downsamplers):
                 down, cond = unet.downsamplers[i], unet.cond_in[i + 1]
@@ -241,7 +249,7 @@ class BandedUNet:
 
         return run(conv_out, [h, x_base], sample.channels, 1, u)
 
-    def _resnet(self, block: ResnetBlock2D, inputs: list[Plane], temb: torch.Tensor) -> Plane:
+    def _resnet(self, block: ResnetBlock2D, inputs: list[Plane], temb: torch.Tensor, lasting: bool = False) -> Plane:
         """One ResnetBlock2D (default form) in two layers: conv1 up to norm2, then conv2 and the shortcut."""
         run, scale = self.runner.run, inputs[0].scale
         act = block.nonlinearity
@@ -260,7 +268,7 @@ class BandedUNet:
                 x = block.conv_shortcut(x)
             return (x + block.conv2(F.silu(group_norm(hid, block.norm2, stats2), inplace=True))) / block.output_scale_factor
 
-        return run(second, [hidden, *inputs], block.conv2.out_channels, scale, scale)
+        return run(second, [hidden, *inputs], block.conv2.out_channels, scale, scale, lasting)
 
 
 def _cat(xs):

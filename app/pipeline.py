@@ -40,7 +40,7 @@ class CheckpointError(FileNotFoundError):
 
 TILE_SIZE = 1024  # window side (pixels) of tiled coding
 BAND_PIXELS = 1 << 20  # pixels per row band of tiled decoding (app.bands): the band's memory, not the image's
-BAND_RAM = 0  # bytes of a tiled decode's planes kept in RAM, the rest in files (app.bands): files cost no time here
+BAND_RAM = 256 << 20  # bytes of RAM buffers for a tiled decode's short-lived planes, the rest in files (app.bands)
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.

@@ -65,11 +65,12 @@ def test_banded_unet_is_the_unet(band, ram):
     assert torch.allclose(out.read(0, h), ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("ram", [0, 1 << 20])
-def test_plane_sums_what_was_written(ram):
+@pytest.mark.parametrize("ram,lasting", [(0, False), (1 << 20, False), (1 << 20, True)])
+def test_plane_sums_what_was_written(ram, lasting):
     store = bands.PlaneStore(ram)
-    p = bands.Plane(4, 8, 5, 1, torch.float32, store)
-    assert isinstance(p._storage, torch.Tensor) == (ram > 0) and store.ram_left == max(ram - 4 * 8 * 5 * 4, 0)
+    p = bands.Plane(4, 8, 5, 1, torch.float32, store, lasting)
+    in_ram = ram > 0 and not lasting  # lasting planes go to files
+    assert isinstance(p._storage, torch.Tensor) == in_ram and store.ram_left == ram - in_ram * 4 * 8 * 5 * 4
     x = torch.randn(1, 4, 8, 5)
     p.write(3, x[..., 3:, :])
     p.write(0, x[..., :3, :])
@@ -79,8 +80,22 @@ def test_plane_sums_what_was_written(ram):
     assert torch.allclose(mean, x.view(2, -1).mean(1)) and torch.allclose(var, x.view(2, -1).var(1, unbiased=False))
     with pytest.raises(ValueError):
         p.write(6, x)
-    del p  # a dropped plane hands its storage back
-    assert store.ram_left == ram and len(store._files) == (ram == 0)
+    del p  # a dropped plane hands its buffer or file back
+    assert len(store._buffers) == in_ram and len(store._files) == (not in_ram)
+
+
+def test_plane_buffers_are_reused_within_the_budget():
+    store = bands.PlaneStore(1000 * 4)
+    a = bands.Plane(1, 10, 100, 1, torch.float32, store)  # the whole budget
+    b = bands.Plane(1, 10, 10, 1, torch.float32, store)  # none left: a file
+    assert isinstance(a._storage, torch.Tensor) and not isinstance(b._storage, torch.Tensor)
+    address = a._storage.data_ptr()
+    del a
+    c = bands.Plane(2, 5, 10, 1, torch.float32, store)  # a smaller plane takes the freed buffer
+    assert c._storage.data_ptr() == address and store.ram_left == 0
+    x = torch.randn(1, 2, 5, 10)
+    c.write(0, x)
+    assert torch.equal(c.read(0, 5), x)
 
 
 def test_measured_margins_cover_the_receptive_field(tiny_pipeline):
