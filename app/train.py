@@ -103,6 +103,11 @@ def sample_timesteps(n: int, generator: torch.Generator, grid, share: float, jit
     return torch.where(torch.rand(n, generator=generator) < share, on_grid, uniform)
 
 
+def scale_grad(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``x`` in the forward pass, ``alpha`` times its gradient in the backward pass."""
+    return x if alpha == 1 else torch.lerp(x.detach(), x, alpha)
+
+
 def speed_flags(args) -> list[str]:
     """The speed options that are on, as command-line flags."""
     return ["--" + name.replace("_", "-") for name in SPEED_FLAGS if getattr(args, name)]
@@ -242,7 +247,9 @@ class Trainer:
                 terms = self.objective(out, x, q)
             else:
                 noise = torch.empty_like(x).normal_(generator=self.noise_gen)
-                x0_hat = unet(scheduler.add_noise(x, noise, t), t, rho, out.content, out.x_base).sample.float()
+                alpha = args.content_grad if self.stage == "joint" else 1.0
+                content, x_base = [scale_grad(c, alpha) for c in out.content], scale_grad(out.x_base, alpha)
+                x0_hat = unet(scheduler.add_noise(x, noise, t), t, rho, content, x_base).sample.float()
                 terms = (self.objective(x0_hat, x, t, rho, lp) if self.stage == "denoiser"
                          else self.objective(out, x0_hat, x, q, t, rho, lp))
 
@@ -325,7 +332,8 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
     run = {"stage": args.stage, "steps": step, "crops": crops, "minutes": round(minutes, 2), "device": str(device), "processes": processes,
            "crops_per_s": round(crops / max(minutes * 60, 1e-9), 1), "speed": speed_flags(args),
            "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
-           "warmup_steps": warmup, "balance_levels": args.balance_levels,
+           "warmup_steps": warmup, "balance_levels": args.balance_levels, "content_grad": args.content_grad,
+           "mixed_precision": args.mixed_precision,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -368,6 +376,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lambdas", type=float, nargs="+",
                     help="λ per quality level, compressai's convention λ·255²·MSE + bpp (default: the resumed "
                          "checkpoint's, else DEFAULT_LAMBDAS)")
+    ap.add_argument("--content-grad", type=float, default=1.0,
+                    help="joint stage: scale of the denoiser loss's gradient into the compressor (1 = Eq. 7 as it is; "
+                         "0.1 keeps x_base's rate-distortion term from being outweighed, see app.objectives)")
     ap.add_argument("--balance-levels", action="store_true",
                     help="weigh every level's distortion the same (each sample's loss / λ_q·255²; see app.objectives)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
@@ -389,6 +400,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     speed.add_argument("--channels-last", action="store_true", help="channels-last (NHWC) memory format for the convolutions")
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (compile time counts in --max-minutes)")
     args = ap.parse_args(argv)
+    if not 0 <= args.content_grad <= 1:
+        ap.error("--content-grad must lie in [0, 1]")
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
     if args.warmup_crops is not None and args.warmup_crops < 1:
