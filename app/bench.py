@@ -235,7 +235,8 @@ def train_throughput(args) -> dict:
     lambdas = train.prior_lambdas(train.prior_state(args.checkpoint or DEFAULT_CHECKPOINT)) or \
         train.DEFAULT_LAMBDAS[: pipe.num_quality_levels]
     targs = train.parse_args(["--data", "synthetic", "--device", args.device, "--batch-size", str(args.train_batch),
-                              "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas), *train.speed_flags(args)])
+                              "--crop", str(args.train_crop), "--lambdas", *map(str, lambdas), *train.speed_flags(args),
+                              "--stage", args.train_stage, "--mixed-precision", args.mixed_precision])
     trainer = train.Trainer(pipe, targs)
     device = trainer.device
     sampler = train_data.CropSampler([synthetic_image(768, 512), synthetic_image(512, 768)], targs.crop, device, 0)
@@ -259,6 +260,7 @@ def train_throughput(args) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _max_rss_mib()
     return {
         "machine": machine_info(args.device), "device": args.device, "weights": weights,
+        "train_stage": targs.stage, "mixed_precision": targs.mixed_precision,
         "train_batch_size": targs.batch_size, "train_crop": targs.crop, "train_speed": train.speed_flags(targs),
         "train_warmup_steps": args.train_warmup, "train_warmup_s": warmup_s, "train_steps": args.train_steps,
         "train_steps_per_s": args.train_steps / seconds, "train_crops_per_s": args.train_steps * targs.batch_size / seconds,
@@ -270,7 +272,8 @@ def train_report(r: dict) -> str:
     m = r["machine"]
     return "\n".join([
         f"{m['device']} ({m.get('gpu') or m['cpu']}), torch {m['torch']}, {m['torch_threads']} threads; weights: {r['weights']}",
-        f"training step, batch {r['train_batch_size']} × {r['train_crop']}², {' '.join(r['train_speed']) or 'no speed flags'}; "
+        f"{r['train_stage']} training step, batch {r['train_batch_size']} × {r['train_crop']}², "
+        f"mixed precision {r['mixed_precision']}, {' '.join(r['train_speed']) or 'no speed flags'}; "
         f"{r['train_warmup_steps']} warm-up steps in {r['train_warmup_s']:.1f} s, {r['train_steps']} timed steps",
         f"throughput    {r['train_crops_per_s']:.1f} crops/s ({r['train_steps_per_s']:.3f} steps/s)",
         f"memory        {r['memory']['kind']}: {r['memory']['peak_mib']:.0f} MiB peak",
@@ -292,6 +295,10 @@ def main(argv=None) -> dict:
     p.add_argument("--train-warmup", type=int, default=2, help="untimed training steps first (default 2)")
     p.add_argument("--train-batch", type=int, default=32, help="crops per step (default 32, the recipe's)")
     p.add_argument("--train-crop", type=int, default=256, help="crop side (default 256, the recipe's)")
+    p.add_argument("--train-stage", choices=("compressor", "denoiser", "joint"), default="joint",
+                   help="app.train's --stage of the timed step (default joint)")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
+                   help="app.train's flag of that name (bf16 autocast; on a CPU with AVX512-BF16 about 1.7x faster)")
     p.add_argument("--fused-adam", action="store_true", help="app.train's speed flag of that name")
     p.add_argument("--channels-last", action="store_true", help="app.train's speed flag of that name")
     p.add_argument("--compile", action="store_true", help="app.train's speed flag of that name")

@@ -60,9 +60,11 @@ def test_train_throughput_tiny(tiny_pipeline_dir, capsys):
     assert json.loads(last) == json.loads(json.dumps(result))
     assert result["device"] == "cpu" and result["train_batch_size"] == 2 and result["train_crop"] == 64
     assert result["train_crops_per_s"] == pytest.approx(2 * result["train_steps_per_s"]) and result["train_crops_per_s"] > 0
+    assert result["train_stage"] == "joint"
     bench.main(["--train", "--checkpoint", str(tiny_pipeline_dir), "--train-steps", "1", "--train-warmup", "0",
-                "--train-batch", "1", "--train-crop", "64"])
-    assert "crops/s" in capsys.readouterr().out
+                "--train-batch", "1", "--train-crop", "64", "--train-stage", "compressor"])
+    report = capsys.readouterr().out
+    assert "crops/s" in report and "compressor training step" in report
     with pytest.raises(SystemExit):
         bench.main(["--train", "--train-crop", "100"])
 

@@ -321,3 +321,42 @@ def test_the_first_checkpoints_lambdas_read_in_compressais_convention():
     assert train.prior_lambdas(state) == pytest.approx([1.0, 8 / 255**2])
     assert train.prior_lambdas({**state, "lambda_convention": "compressai"}) == state["lambdas"]
     assert train.prior_lambdas({}) is None
+
+
+def test_content_grad_scales_only_the_denoisers_gradient_into_the_compressor(tiny_pipeline):
+    """--content-grad 0: the joint stage's compressor gradient is the compressor stage's (rate + x_base);
+    1: Eq. 7 as it is, the denoiser's gradient added; the UNet's gradient does not depend on it."""
+    import copy
+
+    import torch
+
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+
+    def gradients(stage, alpha):
+        pipe = copy.deepcopy(tiny_pipeline)
+        args = train.parse_args(["--data", "x", "--device", "cpu", "--stage", stage, "--content-grad", str(alpha),
+                                 "--balance-levels", "--lambdas", "0.01", "0.02", "0.04", "0.08"])
+        trainer = train.Trainer(pipe, args)
+        torch.manual_seed(0)  # the entropy bottleneck's training noise
+        trainer.step(x, 0.0)  # lr 0: gradients (clipped as a whole), weights unchanged
+        flat = lambda module: torch.cat([p.grad.flatten() for n, p in module.named_parameters()
+                                         if p.grad is not None and not n.endswith("quantiles")])
+        return flat(pipe.compressor), (flat(pipe.unet) if stage == "joint" else None)
+
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    rd, _ = gradients("compressor", 1.0)
+    detached, unet0 = gradients("joint", 0.0)
+    joint, unet1 = gradients("joint", 1.0)
+    assert cos(detached, rd) > 0.9999
+    assert cos(joint, rd) < 0.99
+    assert cos(unet0, unet1) > 0.9999
+
+
+def test_scale_grad_keeps_the_value_and_scales_the_gradient():
+    import torch
+
+    x = torch.randn(5, requires_grad=True)
+    y = train.scale_grad(x, 0.25)
+    y.sum().backward()
+    assert torch.equal(y, x) and torch.allclose(x.grad, torch.full((5,), 0.25))
+    assert train.scale_grad(x, 1.0) is x
