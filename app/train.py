@@ -2,7 +2,8 @@
 
     --stage compressor   g_a, hyperprior, content decoder: bpp + λ_q·255²·MSE(x_base, x); the UNet is idle
     --stage denoiser     the UNet, compressor frozen: (1 − ρ)·w(t)·‖x̂0 − x‖² + ρ·LPIPS(x̂0, x)
-    --stage joint        everything: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4)
+    --stage joint        everything: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4); ``--content-grad A`` scales
+                         the denoiser term's gradient into the compressor by A (its forward unchanged)
 
 Per sample a quality level q (λ_q, compressai's convention), a perceptual weight ρ and a timestep t are
 drawn. x̂0 is the one-step x0 prediction at t, w(t) = clip(SNR_t, 1, 5) (min-SNR weighting floored at 1,
@@ -378,7 +379,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "checkpoint's, else DEFAULT_LAMBDAS)")
     ap.add_argument("--content-grad", type=float, default=1.0,
                     help="joint stage: scale of the denoiser loss's gradient into the compressor (1 = Eq. 7 as it is; "
-                         "0.1 keeps x_base's rate-distortion term from being outweighed, see app.objectives)")
+                         "0.1 keeps x_base's rate-distortion term from being outweighed)")
     ap.add_argument("--balance-levels", action="store_true",
                     help="weigh every level's distortion the same (each sample's loss / λ_q·255²; see app.objectives)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
