@@ -263,7 +263,7 @@ class CDCPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latent(self, data: bytes, verify: bool = True) -> tuple[bitstream.Header, torch.Tensor]:
-        """The header and the exact latent ŷ · 2^12 (int64) of ``.cdc`` bytes, by the entropy path only.
+        """The header and the exact latent ŷ · 2^12 (int32) of ``.cdc`` bytes, by the entropy path only.
 
         With ``verify`` a latent that does not match the file's check is a :class:`BitstreamError`.
         """

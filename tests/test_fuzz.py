@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from app import bitstream
-from app.models.entropy_exact import decode_checked
+from app.models.entropy_exact import SYMBOL_BOUND, decode_checked
 
 TIME_LIMIT_S = 20  # per file, generous for a loaded CI machine; a decode here takes milliseconds
 FILES = int(os.environ.get("CDC_FUZZ_FILES", "2000"))
@@ -268,9 +268,14 @@ def test_checked_decoder_matches_compressai_on_escapes(tiny_pipeline):
     assert native == symbols.view(-1).tolist()
     assert decode_checked(string, indexes.view(-1).tolist(), *args).tolist() == native
     assert decode_checked(string, indexes.view(-1).short(), *args).tolist() == native
-    assert torch.equal(tables.decode("y", string, indexes), symbols)
+    decoded = tables.decode("y", string, indexes)
+    assert decoded.dtype == torch.int32 and torch.equal(decoded, symbols.int())
     with pytest.raises(ValueError, match="ends before"):
         decode_checked(string[: len(string) // 2 // 4 * 4], indexes.view(-1).tolist(), *args)
+    # an escape beyond what ŷ · 2^12 holds in int32 is refused, not wrapped around
+    symbols.view(-1)[5] = SYMBOL_BOUND
+    with pytest.raises(ValueError, match="beyond"):
+        tables.decode("y", tables.encode("y", symbols, indexes), indexes)
 
 
 @pytest.mark.parametrize("escapes", [False, True])
@@ -290,7 +295,7 @@ def test_coding_in_chunks_equals_one_call(tiny_pipeline, monkeypatch, escapes):
                                                   *tables._coder_args("y"))
     monkeypatch.setattr(entropy_exact, "CHUNK", 97)
     assert tables.encode("y", symbols, indexes) == whole
-    assert torch.equal(tables.decode("y", whole, indexes), symbols)
+    assert torch.equal(tables.decode("y", whole, indexes), symbols.int())
 
 
 if __name__ == "__main__":

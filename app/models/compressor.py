@@ -274,12 +274,12 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def decompress(self, z_string: bytes, y_string: bytes, shape) -> torch.Tensor:
-        """ŷ · 2^FRAC (int64, exact) from the two strings and the spatial shape of z."""
+        """ŷ · 2^FRAC (int32, exact: |symbol| < ``SYMBOL_BOUND``, |μ| ≤ 2^24) from the two strings and the spatial
+        shape of z."""
         z_symbols = self.coding.decode("z", z_string, self._channel_indexes((1, self.config.hyper_channels, *shape)))
         read_y = self.coding.reader("y", y_string, math.prod(self._y_shape(z_symbols.shape)))
-        indexes, mu = self._y_parameters(z_symbols)
-        y_fx = read_y(indexes)
-        flat, flat_mu = y_fx.view(-1), mu.view(-1)
-        for a in range(0, len(flat), CHUNK):  # int32 μ widened a chunk at a time, not as a whole int64 copy
-            flat[a:a + CHUNK].bitwise_left_shift_(FRAC).add_(flat_mu[a:a + CHUNK])
+        indexes, y_fx = self._y_parameters(z_symbols)
+        flat = y_fx.view(-1)
+        for a, symbols in read_y(indexes):  # μ becomes ŷ · 2^FRAC in place, piece by piece: no array of symbols
+            flat[a:a + len(symbols)].add_(symbols.bitwise_left_shift_(FRAC))
         return y_fx

@@ -44,6 +44,7 @@ _EXACT = 1 << 53  # integers below this are exact in float64
 RANS_L = 1 << 31  # compressai's rans64: the decoder's state is renormalised to at least this
 _PRECISION = 16  # compressai's CDFs sum to 2^16
 CHUNK = 1 << 20  # symbols per call into the rANS coder: Python lists of a whole large latent cost GBs
+SYMBOL_BOUND = 1 << 18  # decoded |symbol| below this, so that ŷ · 2^12 = symbol · 2^12 + μ (|μ| ≤ 2^24) fits in int32
 
 
 class _IntegerConv:
@@ -188,12 +189,16 @@ class CodingTables(nn.Module):
         return encoder.flush()
 
     def decode(self, prefix: str, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
-        """The symbols (int64) of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
+        """The symbols (int32) of ``string`` for CDF ``indexes`` (same shape); ``ValueError`` for a string that
         cannot be one this coder wrote. See :meth:`reader`."""
-        return self.reader(prefix, string, indexes.numel())(indexes)
+        symbols = torch.empty(indexes.numel(), dtype=torch.int32)
+        for a, part in self.reader(prefix, string, indexes.numel())(indexes):
+            symbols[a:a + len(part)] = part
+        return symbols.view(indexes.shape)
 
     def reader(self, prefix: str, string: bytes, count: int):
-        """``read(indexes)``: :meth:`decode` of ``string``'s ``count`` symbols, with the stream set up now (its padded
+        """``read(indexes)``: :meth:`decode` of ``string``'s ``count`` symbols as (start, int32 symbols) pieces in
+        order, so that a caller can use each piece without holding them all; the stream is set up now (its padded
         copies, 12 bytes per symbol at their peak, come and go before the caller builds the indexes).
 
         compressai's decoder reads one 32-bit word at most per symbol, except in the escape that codes a value
@@ -201,8 +206,9 @@ class CodingTables(nn.Module):
         gains a last symbol of zero width) on the string padded with zero words to 2 + N words (N symbols): it
         stays inside that buffer whatever the bytes, and agrees with the real decoding up to the first escape.
         Only a string that meets one (a value outside the table; this encoder writes none, see :meth:`clamp`) is
-        decoded again, by :func:`decode_checked`.
-        The decoder continues one stream over calls of ``CHUNK`` symbols (the same symbols as one call).
+        decoded again, by :func:`decode_checked`, whose symbols from that piece on are the last piece.
+        The decoder continues one stream over calls of ``CHUNK`` symbols (the same symbols as one call). An
+        escape's value of ``SYMBOL_BOUND`` or more in magnitude, which no table comes near, is a ``ValueError``.
         """
         if len(string) % 4 or len(string) < 8:
             raise ValueError(f"a rANS string is whole 32-bit words, at least two ({len(string)} bytes)")
@@ -212,18 +218,20 @@ class CodingTables(nn.Module):
         decoder.set_stream(bytes(string).ljust(4 * (2 + count), b"\0"))
         escape = (getattr(self, f"{prefix}_offset") + getattr(self, f"{prefix}_cdf_length") - 2).int()
 
-        def read(indexes: torch.Tensor) -> torch.Tensor:
+        def read(indexes: torch.Tensor):
             flat = indexes.reshape(-1)
             if len(flat) != count:
                 raise ValueError(f"{len(flat)} indexes for a stream of {count} symbols")
-            symbols = torch.empty(count, dtype=torch.int64)
             for a in range(0, count, CHUNK):
                 chunk = flat[a:a + CHUNK]
-                symbols[a:a + CHUNK] = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int64)
-                if bool((symbols[a:a + CHUNK] == escape[chunk.long()]).any()):
-                    symbols = decode_checked(string, flat, cdfs, lengths, offsets)
-                    break
-            return symbols.reshape(indexes.shape)
+                part = torch.tensor(decoder.decode_stream(chunk.tolist(), *unreachable), dtype=torch.int32)
+                if bool((part == escape[chunk.long()]).any()):
+                    rest = decode_checked(string, flat, cdfs, lengths, offsets)[a:]
+                    if bool((rest.abs() >= SYMBOL_BOUND).any()):
+                        raise ValueError(f"a latent value beyond ±{SYMBOL_BOUND}")
+                    yield a, rest.int()
+                    return
+                yield a, part
 
         return read
 
