@@ -45,7 +45,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast
 from diffusers.training_utils import EMAModel
 
-from . import diagnose
+from . import diagnose, revive
 from .images import image_files, load_image
 from .metrics import load_lpips
 from .models import CDCCompressor, CDCUNet
@@ -154,6 +154,15 @@ def build_pipeline(args) -> CDCPipeline:
         pipe = CDCPipeline(pipe.compressor.with_base_synthesis(args.base_channels), pipe.unet, pipe.scheduler,
                            pipe.config.decode_defaults)
     return pipe
+
+
+def revive_dead(compressor: CDCCompressor, sampler: CropSampler, ratio: float, offset: float, seed: int,
+                crops: int = 32) -> int:
+    """:func:`app.revive.revive` on the channels dead on ``crops`` of ``sampler`` (the same on every process); their count."""
+    x = sampler.batch(crops).to(compressor.device, compressor.dtype)
+    dead = revive.dead_channels(revive.channel_spread(compressor, x), ratio)
+    revive.revive(compressor, x, dead, offset, torch.Generator().manual_seed(seed))
+    return len(dead)
 
 
 class Trainer:
@@ -364,6 +373,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"(default: a folder per --out under $CDC_STATE_ROOT or {STATE_ROOT})")
     ap.add_argument("--base-channels", type=int, nargs=2, metavar=("H2", "H1"),
                     help="grow the compressor's x_base synthesis at H/2 and H to these widths")
+    ap.add_argument("--revive-channels", type=float, metavar="RATIO",
+                    help="first re-initialise the latent channels whose g_a spread is below RATIO × the live ones' "
+                         "(app.revive; e.g. 0.2)")
+    ap.add_argument("--revive-offset", type=float, default=3.0,
+                    help="octaves below the live channels' gains at which revived channels start (default 3)")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--max-steps", type=int, help="also stop after this many steps (equal-budget comparisons)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -460,12 +474,16 @@ def main(argv=None) -> None:
     pipe = build_pipeline(args)
     if pipe.num_quality_levels != len(args.lambdas):
         raise SystemExit(f"error: {len(args.lambdas)} lambdas for a model with {pipe.num_quality_levels} quality levels")
+    images = [load_image(p) for p in image_files_in(args.data)]
+    if args.revive_channels:
+        revived = revive_dead(pipe.compressor, CropSampler(images, args.crop, torch.device("cpu"), args.seed),
+                              args.revive_channels, args.revive_offset, args.seed)
+        print(f"revived {revived} of {pipe.compressor.config.latent_channels} latent channels", flush=True)
     trainer = Trainer(pipe, args)
     accelerator, device = trainer.accelerator, trainer.device
     main_process, processes = accelerator.is_main_process, accelerator.num_processes
     peak_lr, warmup = lr_schedule(args, processes)
-    sampler = CropSampler([load_image(p) for p in image_files_in(args.data)], args.crop, device,
-                          args.seed + accelerator.process_index)
+    sampler = CropSampler(images, args.crop, device, args.seed + accelerator.process_index)
     state_dir = args.state or default_state_dir(args.out)
     resumed = trainer.load_state(state_dir) or {}
     if resumed:
