@@ -12,6 +12,9 @@ the model decodes much:
 * the content decoder's and h_a's input weights from it: scaled by old / new spread, so that its
   contribution starts at the size it had (noise at first: the compressor stage trains it);
 * h_s's σ output for it: a live channel's, ``gain_offset`` octaves lower like its values; its μ output: 0.
+
+Measured in round 14 (model card): 86 of 128 channels revived, and the compressor stage's rate term
+had killed all but a few of them again within 8 minutes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def dead_channels(spread: torch.Tensor, ratio: float = 0.2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def revive(compressor: CDCCompressor, x: torch.Tensor, dead: torch.Tensor, gain_offset: float = 1.0,
+def revive(compressor: CDCCompressor, x: torch.Tensor, dead: torch.Tensor, gain_offset: float = 3.0,
            generator: torch.Generator | None = None) -> None:
     """Re-initialise the latent channels ``dead`` of ``compressor`` in place (see the module's docstring)."""
     if not len(dead):
