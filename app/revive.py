@@ -24,10 +24,14 @@ import torch
 from .models.compressor import CDCCompressor
 
 
+def _std_per_channel(t: torch.Tensor) -> torch.Tensor:
+    return t.float().transpose(0, 1).flatten(1).std(1)
+
+
 @torch.no_grad()
 def channel_spread(compressor: CDCCompressor, x: torch.Tensor) -> torch.Tensor:
     """Standard deviation of each g_a output channel over the crops ``x`` (N, 3, H, W) in [-1, 1]."""
-    return compressor.g_a(x).float().transpose(0, 1).flatten(1).std(1)
+    return _std_per_channel(compressor.g_a(x))
 
 
 def dead_channels(spread: torch.Tensor, ratio: float = 0.2) -> torch.Tensor:
@@ -48,13 +52,13 @@ def revive(compressor: CDCCompressor, x: torch.Tensor, dead: torch.Tensor, gain_
         raise ValueError("every channel is dead: nothing to take the live scale from")
     features = compressor.g_a[:-1](x)
     last = compressor.g_a[-1]
-    old = last(features).float().transpose(0, 1).flatten(1).std(1)
+    old = _std_per_channel(last(features))
     target = old[live].quantile(0.75)
 
     fresh = torch.randn(len(dead), *last.weight.shape[1:], generator=generator) * (2 / last.weight[0].numel()) ** 0.5
     last.weight[dead] = fresh.to(last.weight)
     last.bias[dead] = 0
-    new = last(features).float().transpose(0, 1).flatten(1).std(1)
+    new = _std_per_channel(last(features))
     last.weight[dead] *= (target / new[dead].clamp_min(1e-12))[:, None, None, None].to(last.weight)
     shrink = (old[dead] / target).to(last.weight)
 
