@@ -231,7 +231,7 @@ class CDCPipeline(DiffusionPipeline):
             self.last_probes += 1
             gain = self.compressor.gain(torch.tensor([q100 / 100], device=self.device))
             y = features.mul_(gain) if last else features * gain
-            z_string, y_string, digest = self._entropy_coder().compress(y.float().cpu())
+            z_string, y_string, digest = self._entropy_coder().compress(y.float().cpu(), overwrite=True)  # y is spent
             check = bytes.fromhex(digest)[: bitstream.CHECK_BYTES]
             header = bitstream.Header(self.model_id, bitstream.quality_from_x100(q100), width, height, pad_w, pad_h, check)
             return bitstream.pack(header, z_string, y_string)
@@ -311,9 +311,7 @@ class CDCPipeline(DiffusionPipeline):
             with bands.reused_memory():
                 planes = decoder.content(y_hat, q)
                 del y_hat  # the UNet's bands need the planes only
-                pixels = decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
-            del planes  # before the image's copy
-            return PIL.Image.fromarray(pixels, "RGB")
+                return decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
         header, content, x_base = self.decode_content(data)
         self.set_progress_bar_config(disable=not progress)
         x = self.denoise(content, x_base, float(rho), steps, gamma, generator)

@@ -17,6 +17,7 @@ import copy
 import math
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -208,8 +209,8 @@ class TiledDecoder:
         return planes
 
     @torch.no_grad()
-    def denoise(self, planes, height, width, rho, steps, gamma, generator) -> np.ndarray:
-        """The 8-bit image (height × width) from the content planes: K steps of the banded UNet from x_K = γ·ε."""
+    def denoise(self, planes, height, width, rho, steps, gamma, generator) -> PIL.Image.Image:
+        """The RGB image (height × width) from the content planes: K steps of the banded UNet from x_K = γ·ε."""
         pipe, runner = self.pipe, self.runner
         pad_h, pad_w = runner.height, runner.width
         *pyramid, x_base = planes
@@ -228,11 +229,12 @@ class TiledDecoder:
             model_input = runner.run(lambda v: pipe.scheduler.scale_model_input(v, t), [x], 3, 1, 0)
             prediction = unet(model_input, t, rho, pyramid, x_base)
             x = self._step(runner, schedulers, prediction, t, x)
-        out = np.empty((height, width, 3), np.uint8)
+        out = PIL.Image.new("RGB", (width, height))  # filled band by band: no second copy of the image
         for r0, r1 in cores:
             if r0 < height:
                 band = x.read(r0, min(r1, height))[..., :width]
-                out[r0:r1] = ((band.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+                pixels = ((band.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0)
+                out.paste(PIL.Image.fromarray(pixels.numpy(), "RGB"), (0, r0))
         return out
 
     @staticmethod

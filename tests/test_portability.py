@@ -144,7 +144,7 @@ def test_tiled_integer_hyper_synthesis_equals_one_pass(golden_pipeline, tile):
     z = torch.randint(-6, 7, (1, coder.config.hyper_channels, 9, 5), generator=torch.Generator().manual_seed(tile))
     whole = coder._y_parameters(z, tile=100)
     tiled = coder._y_parameters(z, tile=tile)
-    assert whole[0].dtype == torch.int16 and whole[1].dtype == torch.int32
+    assert whole[0].dtype == torch.uint8 and whole[1].dtype == torch.int32
     assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
     sigma, mu = IntegerHyperSynthesis(coder.h_s)((z << FRAC) + coder.coding.z_median_fx())
     assert torch.equal(whole[1].long(), mu) and torch.equal(whole[0].long(), coder.coding.scale_indexes(sigma).long())
@@ -161,6 +161,18 @@ def test_large_latents_take_tiles_bounded_on_both_sides_with_the_same_integers(g
     tiled = coder._y_parameters(z, tile=4)
     assert len(calls) == 5 * 4 and max(max(shape) for shape in calls) == 4 + 2 * compressor.Z_HALO
     assert all(torch.equal(a, b) for a, b in zip(whole, tiled))
+
+
+def test_an_encode_that_overwrites_its_latent_writes_the_same_file_and_leaves_the_symbols(tiny_pipeline):
+    coder = tiny_pipeline._entropy_coder()
+    y = torch.randn(1, coder.config.latent_channels, 8, 12, generator=torch.Generator().manual_seed(5)) * 4
+    kept = coder.compress(y.clone())
+    spent = y.clone()
+    assert coder.compress(spent, overwrite=True) == kept
+    z = torch.round(coder.h_a(y) - to_float(coder.coding.z_median_fx())).long()
+    indexes, mu = coder._y_parameters(z)
+    symbols = coder.coding.clamp("y", torch.round(y - to_float(mu)), indexes)
+    assert torch.equal(spent.view(torch.int32), symbols)
 
 
 def test_the_encoder_writes_no_escapes(tiny_pipeline, monkeypatch):

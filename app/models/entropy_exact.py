@@ -235,9 +235,15 @@ class CodingTables(nn.Module):
 
         return read
 
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The smallest integer type of a scale index: uint8 for up to 256 scales (compressai's table has 64)."""
+        return torch.uint8 if len(self.y_cdf_length) <= 256 else torch.int16
+
     def scale_indexes(self, sigma_fx: torch.Tensor) -> torch.Tensor:
-        """Index of σ in the scale table (int16), by integer comparison: #{bounds < σ} (compressai's rule)."""
-        return torch.bucketize(sigma_fx.contiguous(), self.scale_bounds.long(), out_int32=True).short()
+        """Index of σ in the scale table (as :attr:`index_dtype`), by integer comparison: #{bounds < σ}
+        (compressai's rule)."""
+        return torch.bucketize(sigma_fx.contiguous(), self.scale_bounds.long(), out_int32=True).to(self.index_dtype)
 
     def z_median_fx(self) -> torch.Tensor:
         return self.z_median.long().view(1, -1, 1, 1)
