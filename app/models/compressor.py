@@ -224,8 +224,8 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
         """(scale indexes as ``coding.index_dtype``, μ in fixed point as int32) of y from z's integer symbols. The
         integer h_s runs over tiles of at most ``tile`` × ``tile`` z cells with ``Z_HALO`` cells of context on every
         side: the same integers as one pass (exact arithmetic, and h_s reaches less than the halo), in memory bounded
-        by the tile (its float64 activations and the last conv's unfolded input are about 40 bytes per y value: at
-        8192² 90 MB, against 200 MB for 24-cell tiles with a halo of 4, in the same time)."""
+        by the tile (its float64 activations and the last conv's unfolded input are about 40 bytes per y value: 90 MB
+        per tile at most)."""
         if self._integer_h_s is None:
             self._integer_h_s = IntegerHyperSynthesis(self.h_s)
         z_fx = (z_symbols << FRAC) + self.coding.z_median_fx()
