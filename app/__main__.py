@@ -1,7 +1,7 @@
 """Command line codec.
 
     python -m app compress INPUT OUTPUT.cdc [--quality Q | --bpp B | --max-bytes N] [--checkpoint DIR] [--device cpu|cuda]
-    python -m app decompress INPUT.cdc OUTPUT.png [--rho R] [--steps K] [--noise-scale G] [--seed S] [--checkpoint DIR] [--device cpu|cuda]
+    python -m app decompress INPUT.cdc OUTPUT.png [--rho R] [--steps K] [--noise-scale G] [--seed S] [--precision auto|fp32|bf16] [--checkpoint DIR] [--device cpu|cuda]
     python -m app info INPUT.cdc [--check [--checkpoint DIR]]
 
 Errors print one line on stderr and exit with status 1 (2 for usage errors).
@@ -57,6 +57,7 @@ def decompress(args) -> None:
     if not args.output.lower().endswith(".png"):
         raise ValueError("OUTPUT must be a .png file (lossless)")
     pipe = load_pipeline(args.checkpoint, args.device)
+    pipe.synthesis_precision = args.precision
     generator = torch.Generator().manual_seed(args.seed)
     image = pipe.decompress(data, args.steps, args.rho, generator, args.noise_scale)
     _save_png(image, args.output)
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--noise-scale", type=float, default=None, metavar="G",
                    help="initial noise scale γ in [0, 1] (default: the model's tuned value at ρ)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the content decoder's and UNet's arithmetic: auto = bf16 on a CPU with native bf16 "
+                        "(AVX512-BF16, AMX), else fp32")
     for p in (c, d):
         p.add_argument("--checkpoint", default=None, help="pipeline folder (default: checkpoints/cdc)")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

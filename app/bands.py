@@ -157,9 +157,10 @@ def group_stats(planes: list[Plane], groups: int) -> tuple[torch.Tensor, torch.T
 
 
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, stats) -> torch.Tensor:
-    """``norm`` applied to ``x`` with the given (whole-image) statistics instead of ``x``'s own."""
-    c = x.shape[1]
-    mean, var = (s.to(x.device, x.dtype).repeat_interleave(c // norm.num_groups) for s in stats)
+    """``norm`` applied to ``x`` with the given (whole-image) statistics instead of ``x``'s own, in float32 (as
+    autocast runs GroupNorm: a bf16 ``x`` is normalised in float32)."""
+    x, c = x.float(), x.shape[1]
+    mean, var = (s.to(x.device, torch.float32).repeat_interleave(c // norm.num_groups) for s in stats)
     scale = torch.rsqrt(var + norm.eps)
     shift = -mean * scale
     if norm.affine:

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from app.bitstream import bits_per_pixel
 from app.evaluate import machine_info
+from app.pipeline import PRECISIONS
 
 PAPER_UNET = {"unshuffle": 1, "block_out_channels": (64, 128, 192, 256, 320, 384), "cond_image": False}
 
@@ -150,6 +151,8 @@ def load(checkpoint: str | None, device: str):
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pipe, weights = load(args.checkpoint, args.device)
+    pipe.synthesis_precision = args.precision
+    synthesis = "bf16" if pipe.synthesis_dtype() == torch.bfloat16 else "fp32"
     steps, noise_scale = pipe.decode_settings(args.rho)
     steps = args.steps or steps
     level = pipe.num_quality_levels // 2
@@ -173,13 +176,13 @@ def run(args: argparse.Namespace) -> dict:
     forward_s = unet_gflops = unet_input = None
     if not tiled:
         unet_args, unet_kwargs = capture_unet_inputs(pipe, data)
-        with torch.no_grad():
+        with torch.no_grad(), pipe.synthesis_autocast():
             forward_s, _ = timed(lambda: pipe.unet(*unet_args, **unet_kwargs), device, args.repeats)
         unet_gflops, unet_input = gflops(pipe.unet, unet_args, unet_kwargs), list(unet_args[0].shape)
     megapixels = img.width * img.height / 1e6
     return {
         "machine": machine_info(args.device), "weights": weights, "image": f"{img.width}x{img.height}",
-        "level": level, "bpp": bits_per_pixel(data), "rho": args.rho, "steps": steps, "noise_scale": noise_scale, "repeats": args.repeats,
+        "level": level, "bpp": bits_per_pixel(data), "synthesis": synthesis, "rho": args.rho, "steps": steps, "noise_scale": noise_scale, "repeats": args.repeats,
         "tiled": tiled, "tile_size": pipe.tile_size, "band_rows": pipe.band_rows(pipe._padded_size(data)[1]) if tiled else None,
         "unet_input": unet_input,
         "encode_s": encode_s, "decode_s": decode_s, "decode_per_step_s": decode_s / steps, "unet_forward_s": forward_s,
@@ -205,7 +208,7 @@ def report(r: dict) -> str:
         f"image {r['image']}, level {r['level']} ({r['bpp']:.3f} bpp), median of {r['repeats']} after a warm-up",
         f"tiles         {'encoder windows of %d px, decoder bands of %d rows' % (r['tile_size'], r['band_rows']) if tiled else 'none (one window)'}",
         f"encode        {r['encode_s']:.3f} s ({r['encode_s_per_mpx']:.3f} s/Mpx)",
-        f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, K = {r['steps']}, γ = {r['noise_scale']:g}: "
+        f"decode        {r['decode_s']:.3f} s at ρ = {r['rho']:g}, K = {r['steps']}, γ = {r['noise_scale']:g}, {r['synthesis']} synthesis: "
         f"{r['decode_per_step_s']:.3f} s/step, {r['decode_s_per_mpx']:.3f} s/Mpx ({forward})",
         f"UNet          {r['unet_params'] / 1e6:.2f} M params{gflops}; compressor {r['compressor_params'] / 1e6:.2f} M params",
         f"memory        {r['memory']['kind']}: {r['memory']['before_mib']:.0f} MiB before, "
@@ -289,6 +292,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="decoding steps (default: the pipeline's tuned value at ρ)")
     p.add_argument("--size", type=_size, default=(768, 512), help="image size WIDTHxHEIGHT (default 768x512)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the decoder's synthesis: auto = bf16 on a CPU with native bf16, else fp32 (default auto)")
     p.add_argument("--no-reference", action="store_true", help="skip the paper-sized UNet (slow at large sizes)")
     p.add_argument("--train", action="store_true", help="time the training step instead of the codec")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps (default 5)")

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class CheckpointError(FileNotFoundError):
 TILE_SIZE = 1024  # window side (pixels) of tiled coding
 BAND_PIXELS = 1 << 20  # pixels per row band of tiled decoding (app.bands): the band's memory, not the image's
 BAND_RAM = 256 << 20  # bytes of RAM buffers for a tiled decode's short-lived planes, the rest in files (app.bands)
+PRECISIONS = ("auto", "fp32", "bf16")  # of the decoder's synthesis (CDCPipeline.synthesis_precision)
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below the first with bf16 dot products (AVX512_CORE_BF16)
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 SCHEDULERS = ("ddim", "dpmpp")
 TIMESTEP_SPACINGS = ("trailing", "linspace")
 # Before tuning: what the first checkpoint decoded with at every ρ.
@@ -67,6 +71,15 @@ def make_scheduler(name: str = "ddim", timestep_spacing: str = "trailing"):
 def scheduler_name(scheduler) -> str:
     """The :data:`SCHEDULERS` name of a scheduler instance."""
     return "dpmpp" if isinstance(scheduler, DPMSolverMultistepScheduler) else "ddim"
+
+
+def native_bf16() -> bool:
+    """Whether this CPU's convolutions run natively in bf16 (AVX512-BF16 or AMX, not limited by
+    ``ONEDNN_MAX_CPU_ISA``, oneDNN on): there bf16 is faster than fp32; elsewhere it is emulated and far slower."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).strip().upper()
+    if isa in _NO_BF16_ISAS or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def image_to_tensor(img: PIL.Image.Image) -> torch.Tensor:
@@ -106,6 +119,8 @@ class CDCPipeline(DiffusionPipeline):
         self.tile_size = TILE_SIZE
         self.band_pixels = BAND_PIXELS
         self.band_ram = BAND_RAM
+        # The content decoder and the UNet in bf16 where the CPU has it natively (app.pipeline.native_bf16)
+        self.synthesis_precision = "auto"
         self._analysis_margin = None
         self.last_probes = 0  # encodes run by the last compress() (1, or a bisection's count)
         self._coder = None
@@ -157,6 +172,20 @@ class CDCPipeline(DiffusionPipeline):
     def tiled(self, pad_height: int, pad_width: int) -> bool:
         """Whether an image of this padded size is coded in tiles (larger than one tile on a side)."""
         return max(pad_height, pad_width) > self.tile_size
+
+    def synthesis_dtype(self) -> torch.dtype:
+        """The dtype of the decoder's synthesis: bf16 where ``synthesis_precision`` is "bf16", or "auto" on a CPU
+        with native bf16 (:func:`native_bf16`); float32 otherwise."""
+        if self.synthesis_precision not in PRECISIONS:
+            raise ValueError(f"synthesis_precision must be one of {', '.join(PRECISIONS)}, got {self.synthesis_precision!r}")
+        bf16 = self.synthesis_precision == "bf16" or (
+            self.synthesis_precision == "auto" and self.device.type == "cpu" and native_bf16())
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def synthesis_autocast(self) -> torch.autocast:
+        """Autocast of the decoder's synthesis, the content decoder and the UNet (never the entropy path), to
+        :meth:`synthesis_dtype`."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.synthesis_dtype() == torch.bfloat16)
 
     def _entropy_coder(self) -> CDCCompressor:
         """The compressor's fp32 CPU twin, which runs the exact entropy path.
@@ -308,7 +337,7 @@ class CDCPipeline(DiffusionPipeline):
                                           self.band_ram)
             y_hat = to_float(y_fx)
             del y_fx  # ŷ held once, as floats
-            with bands.reused_memory():
+            with bands.reused_memory(), self.synthesis_autocast():
                 planes = decoder.content(y_hat, q)
                 del y_hat  # the UNet's bands need the planes only
                 return decoder.denoise(planes, header.height, header.width, float(rho), steps, gamma, generator)
@@ -330,7 +359,8 @@ class CDCPipeline(DiffusionPipeline):
 
         q = torch.tensor([header.quality_x100 / 100], device=self.device)
         dtype = self.unet.dtype
-        content, x_base = self.compressor.content(y_hat.to(self.device, self.compressor.dtype), q)
+        with self.synthesis_autocast():
+            content, x_base = self.compressor.content(y_hat.to(self.device, self.compressor.dtype), q)
         return header, [f.to(dtype) for f in content], x_base.to(dtype)
 
     @torch.no_grad()
@@ -343,7 +373,9 @@ class CDCPipeline(DiffusionPipeline):
         x = x * (noise_scale * self.scheduler.init_noise_sigma)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)
-            prediction = self.unet(model_input, t, rho, content, x_base).sample.clamp(-1, 1)  # x̂0 is an image
+            with self.synthesis_autocast():
+                prediction = self.unet(model_input, t, rho, content, x_base).sample
+            prediction = prediction.to(x.dtype).clamp(-1, 1)  # x̂0 is an image
             x = self.scheduler.step(prediction, t, x).prev_sample
         return x
 
