@@ -1,7 +1,7 @@
 """Seam check of tiled decoding (issue #30): tiled against untiled decodes of the same files.
 
     python scripts/seam_check.py --data ../shared/datasets/kodak [--checkpoint DIR] [--quality 2] [--limit N]
-        [--tile 320] [--bands 64 128] [--rhos 0 0.9] [--out results/seams.json]
+        [--tile 320] [--bands 64 128] [--rhos 0 0.9] [--precision auto|fp32|bf16] [--out results/seams.json]
 
 Each image is compressed once, then decoded untiled and tiled: with ``--tile`` forced small (so that a Kodak
 image takes the tiled path and its encoder windows), decoded in row bands of each ``--bands`` height.
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.images import image_files, load_image  # noqa: E402
-from app.pipeline import load_pipeline  # noqa: E402
+from app.pipeline import PRECISIONS, load_pipeline  # noqa: E402
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,9 +50,11 @@ def main(argv=None) -> dict:
     p.add_argument("--bands", type=int, nargs="+", default=[64, 128], help="rows per decoder band (multiples of 16)")
     p.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.9])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the decoder's synthesis (both decodes)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     pipe = load_pipeline(args.checkpoint)
+    pipe.synthesis_precision = args.precision
     paths = image_files(args.data)[: args.limit]
     rows: dict[tuple, list] = {}
     latent_diff = []
@@ -88,14 +90,15 @@ def main(argv=None) -> dict:
                         "max_diff": max(r["max_diff"] for r in items),
                         "seam_mean_diff": float(np.mean([r["seam_mean_diff"] for r in items])),
                         "other_mean_diff": float(np.mean([r["other_mean_diff"] for r in items]))})
-    print(f"tile {args.tile}, quality {args.quality}, {len(paths)} images; tiled encode: "
+    synthesis = str(pipe.synthesis_dtype()).removeprefix("torch.")
+    print(f"model {pipe.model_id.hex()}, {synthesis} synthesis, tile {args.tile}, quality {args.quality}, {len(paths)} images; tiled encode: "
           f"{100 * np.mean(latent_diff):.4f} % of latent elements differ (largest {100 * max(latent_diff):.4f} %)")
     print("| ρ | band rows | mean |ΔPSNR| dB | max |ΔPSNR| dB | max pixel diff | seam / other mean diff |")
     print("|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['rho']:g} | {s['band']} | {s['mean_abs_dpsnr']:.4f} | {s['max_abs_dpsnr']:.4f} | "
               f"{s['max_diff']} | {s['seam_mean_diff']:.3f} / {s['other_mean_diff']:.3f} |")
-    result = {"tile": args.tile, "quality": args.quality, "latent_diff_share": latent_diff, "summary": summary,
+    result = {"model_id": pipe.model_id.hex(), "synthesis": synthesis, "tile": args.tile, "quality": args.quality, "latent_diff_share": latent_diff, "summary": summary,
               "rows": {f"{k[0]}/{k[1]}": v for k, v in rows.items()}}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
