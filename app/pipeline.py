@@ -371,9 +371,10 @@ class CDCPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         x = randn_tensor(x_base.shape, generator=generator, device=self.device, dtype=x_base.dtype)
         x = x * (noise_scale * self.scheduler.init_noise_sigma)
+        autocast = self.synthesis_autocast()
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)
-            with self.synthesis_autocast():
+            with autocast:
                 prediction = self.unet(model_input, t, rho, content, x_base).sample
             prediction = prediction.to(x.dtype).clamp(-1, 1)  # x̂0 is an image
             x = self.scheduler.step(prediction, t, x).prev_sample
