@@ -504,6 +504,12 @@ def main(argv=None) -> None:
         log.write(json.dumps(row) + "\n")
         log.flush()
 
+    def write_validation(minutes: float) -> None:
+        nonlocal validated
+        validated = step
+        write_log({"step": step, "minutes": round(minutes, 3), "stage": args.stage,
+                   "diagnostics": validate(trainer, val_images)})
+
     def save_all(minutes: float) -> None:
         """The fp16 export first (it refuses non-finite weights), then the run state."""
         save(pipe, trainer.ema, args.out, training_state(args, prior, step - base_step, crops - base_crops,
@@ -514,6 +520,7 @@ def main(argv=None) -> None:
     base_step, base_crops, base_minutes = resumed.get("steps", 0), resumed.get("crops", 0), resumed.get("minutes", 0.0)
     step, crops = base_step, base_crops
     next_val = next_save = 0.0
+    validated = None  # the step of the last validation
     while True:
         elapsed = trainer.main_clock(time.monotonic() - start)
         if elapsed >= budget or (args.max_steps and step - base_step >= args.max_steps):
@@ -535,8 +542,7 @@ def main(argv=None) -> None:
         if val_images and elapsed >= next_val:
             next_val = elapsed + args.val_every_minutes * 60
             if step > base_step + 1:
-                write_log({"step": step, "minutes": round(base_minutes + elapsed / 60, 3), "stage": args.stage,
-                           "diagnostics": validate(trainer, val_images)})
+                write_validation(base_minutes + elapsed / 60)
         if elapsed >= next_save and step > base_step + 1:
             next_save = elapsed + args.save_every_minutes * 60
             save_all(base_minutes + elapsed / 60)
@@ -544,6 +550,8 @@ def main(argv=None) -> None:
     accelerator.wait_for_everyone()
     if main_process:
         minutes = base_minutes + (time.monotonic() - start) / 60
+        if val_images and validated != step:  # the numbers of the weights this stage ships
+            write_validation(minutes)
         save_all(minutes)
         print(f"saved {args.out} after {step - base_step} steps, {crops - base_crops} crops, "
               f"{minutes - base_minutes:.1f} min (stage {args.stage})", flush=True)

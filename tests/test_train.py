@@ -37,6 +37,7 @@ def test_pack_then_short_resumed_training_run(tiny_pipeline_dir, tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and log[0]["bpp"] > 0 and 0 < log[0]["lpips_x0"] < 2
     state = json.loads((out / "training_state.json").read_text())
+    assert "diagnostics" in log[-1] and log[-1]["step"] == state["runs"][-1]["steps"]  # the shipped weights, validated
     assert state["total_steps"] >= 1 and state["runs"][-1]["crops"] == 2 * state["runs"][-1]["steps"]
     assert state["runs"][-1]["crops_per_s"] > 0 and state["runs"][-1]["timesteps"].startswith("0.5 on the")
     resumed = load_pipeline(out)
@@ -171,6 +172,7 @@ def test_speed_flags_and_scaled_lr_train_validate_and_save_on_cpu(tiny_pipeline_
                 "--fused-adam", "--channels-last", "--lr-scaling", "sqrt", "--warmup-crops", "4"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert "diagnostics" in log[-1] and log[-1]["step"] == 2  # validation on the channels-last weights
+    assert sum("diagnostics" in row for row in log) == 1  # the end does not validate the same weights again
     assert log[-1]["diagnostics"]["q0"]["psnr_rho0"] > 0 and log[-1]["diagnostics"]["q3"]["bpp"] > 0
     run = json.loads((out / "training_state.json").read_text())["runs"][-1]
     assert run["speed"] == ["--fused-adam", "--channels-last"] and run["steps"] == 2
