@@ -8,7 +8,8 @@ Per level, averaged over the photos (whole images, real ``.cdc`` files):
 * ``psnr_base``: PSNR of the content decoder's x_base from the file's exact ŷ;
 * ``psnr_rho0``: PSNR of the decode at ρ = 0 with the checkpoint's decode defaults;
 * ``lpips_rho``: LPIPS-alex of the decode at ρ = ``REALISM_RHO`` (the realism the UNet stage moves);
-* ``dists_rho``: DISTS of that decode, a metric the model is not trained on (None without the VGG16 weights);
+* ``dists_rho``: DISTS of that decode, a metric the model is not trained on (None without the VGG16 weights),
+  and ``dists_rho0`` of the decode at ρ = 0: whether the realism the UNet adds is realism by a metric it never saw;
 * ``psnr_ceiling``: x_base from the unquantised latent (ŷ = y, unlimited rate): what the transforms can
   represent at this level's gain at all;
 * ``active_channels``: latent channels that change x_base when set to their spatial mean (mean PSNR drop
@@ -88,7 +89,8 @@ def measure(pipe, images, levels=None, decode: bool = True, channels: bool = Tru
     rows = {}
     for level in levels:
         q = torch.tensor([level], device=pipe.device)
-        acc = {k: [] for k in ("bpp", "psnr_base", "psnr_rho0", "lpips_rho", "dists_rho", "psnr_ceiling")}
+        acc = {k: [] for k in ("bpp", "psnr_base", "psnr_rho0", "lpips_rho", "dists_rho0", "dists_rho",
+                                "psnr_ceiling")}
         drops, bits = [], []
         for img in images:
             data = pipe.compress(img, level)
@@ -98,6 +100,8 @@ def measure(pipe, images, levels=None, decode: bool = True, channels: bool = Tru
             if decode:
                 recon = pipe.decompress(data, rho=0.0, generator=torch.Generator().manual_seed(0), progress=False)
                 acc["psnr_rho0"].append(psnr(img, recon))
+                if (dists := dists_distance(img, recon)) is not None:
+                    acc["dists_rho0"].append(dists)
                 recon = pipe.decompress(data, rho=REALISM_RHO, generator=torch.Generator().manual_seed(0),
                                         progress=False)
                 acc["lpips_rho"].append(lpips_distance(img, recon))
@@ -126,13 +130,14 @@ def table(rows: dict) -> str:
     """The diagnostics as a markdown table."""
     def cell(v, digits):
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-    lines = [f"| level | bpp | x_base PSNR | PSNR ρ0 | LPIPS ρ{REALISM_RHO:g} | DISTS ρ{REALISM_RHO:g} | ceiling (ŷ = y) "
-             "| active channels | bits on inactive |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| level | bpp | x_base PSNR | PSNR ρ0 | LPIPS ρ{REALISM_RHO:g} | DISTS ρ0 | DISTS ρ{REALISM_RHO:g} "
+             "| ceiling (ŷ = y) | active channels | bits on inactive |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         active = "–" if r["active_channels"] is None else f"{r['active_channels']}/{r['channels']}"
         share = "–" if r["inactive_bit_share"] is None else f"{100 * r['inactive_bit_share']:.0f} %"
         lines.append(f"| {name[1:]} | {cell(r['bpp'], 3)} | {cell(r['psnr_base'], 2)} | {cell(r['psnr_rho0'], 2)} | "
-                     f"{cell(r['lpips_rho'], 3)} | {cell(r['dists_rho'], 3)} | {cell(r['psnr_ceiling'], 2)} | "
+                     f"{cell(r['lpips_rho'], 3)} | {cell(r['dists_rho0'], 3)} | {cell(r['dists_rho'], 3)} | "
+                     f"{cell(r['psnr_ceiling'], 2)} | "
                      f"{active} | {share} |")
     return "\n".join(lines)
 

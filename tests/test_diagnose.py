@@ -24,11 +24,13 @@ def test_channels_that_carry_nothing_are_counted_inactive(tiny_pipeline):
         assert 0 <= r["active_channels"] <= r["channels"] == 16 and 0 <= r["inactive_bit_share"] <= 1
         assert r["lpips_rho"] > 0  # a random tiny model: LPIPS may exceed 1
         assert r["dists_rho"] is None or 0 < r["dists_rho"] < 1  # None where the VGG16 weights are not installed
+        assert (r["dists_rho0"] is None) == (r["dists_rho"] is None)
+        assert r["dists_rho0"] is None or 0 < r["dists_rho0"] < 1 and r["dists_rho0"] != r["dists_rho"]  # two decodes
     with torch.no_grad():  # channels 0-9 of y become constant: nothing to lose when set to their mean
         pipe.compressor.g_a[-1].weight[:10] = 0
     pipe.weights_changed()
     dead = diagnose.measure(pipe, _photos(), levels=[3], decode=False)["q3"]
-    assert dead["active_channels"] <= 6 and dead["psnr_rho0"] is None and dead["lpips_rho"] is dead["dists_rho"] is None
+    assert dead["active_channels"] <= 6 and dead["psnr_rho0"] is None and dead["lpips_rho"] is dead["dists_rho"] is dead["dists_rho0"] is None
     unablated = diagnose.measure(pipe, _photos(), levels=[3], channels=False)["q3"]  # the UNet stage's validation
     assert unablated["active_channels"] is None and unablated["inactive_bit_share"] is None
     assert unablated["psnr_base"] == pytest.approx(dead["psnr_base"]) and unablated["lpips_rho"] > 0
