@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pipe, weights = load(args.checkpoint, args.device)
     pipe.synthesis_precision = args.precision
-    synthesis = str(pipe.synthesis_dtype()).removeprefix("torch.")
+    synthesis = pipe.synthesis_name()
     steps, noise_scale = pipe.decode_settings(args.rho)
     steps = args.steps or steps
     level = pipe.num_quality_levels // 2

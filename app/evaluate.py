@@ -711,7 +711,7 @@ def run(args, pipe, images: dict, levels, plan: dict) -> dict:
             "data": str(args.data), "data_name": args.data.name, "num_images": len(images),
             "checkpoint": str(args.checkpoint or DEFAULT_CHECKPOINT), "model_id": pipe.model_id.hex(), "levels": levels, "rhos": args.rhos, "seed": args.seed,
             "decode": [{"rho": r, "steps": k, "noise_scale": g} for r, (k, g) in plan.items()],
-            "synthesis": str(pipe.synthesis_dtype()).removeprefix("torch."),
+            "synthesis": pipe.synthesis_name(),
             "codecs": args.codecs, "qualities": {c: list(classical.SWEEP_QUALITIES[c]) for c in args.codecs},
             "fid_patch": args.fid_patch,
         },

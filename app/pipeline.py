@@ -182,6 +182,10 @@ class CDCPipeline(DiffusionPipeline):
             self.synthesis_precision == "auto" and self.device.type == "cpu" and native_bf16())
         return torch.bfloat16 if bf16 else torch.float32
 
+    def synthesis_name(self) -> str:
+        """:meth:`synthesis_dtype` as benchmarks and evaluations record it: "float32" or "bfloat16"."""
+        return str(self.synthesis_dtype()).removeprefix("torch.")
+
     def synthesis_autocast(self) -> torch.autocast:
         """Autocast of the decoder's synthesis, the content decoder and the UNet (never the entropy path), to
         :meth:`synthesis_dtype`."""

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
                         "max_diff": max(r["max_diff"] for r in items),
                         "seam_mean_diff": float(np.mean([r["seam_mean_diff"] for r in items])),
                         "other_mean_diff": float(np.mean([r["other_mean_diff"] for r in items]))})
-    synthesis = str(pipe.synthesis_dtype()).removeprefix("torch.")
+    synthesis = pipe.synthesis_name()
     print(f"model {pipe.model_id.hex()}, {synthesis} synthesis, tile {args.tile}, quality {args.quality}, {len(paths)} images; tiled encode: "
           f"{100 * np.mean(latent_diff):.4f} % of latent elements differ (largest {100 * max(latent_diff):.4f} %)")
     print("| ρ | band rows | mean |ΔPSNR| dB | max |ΔPSNR| dB | max pixel diff | seam / other mean diff |")

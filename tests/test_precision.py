@@ -57,6 +57,7 @@ def test_auto_takes_bf16_only_where_the_cpu_has_it(tiny_pipeline, monkeypatch, p
     with pipe.synthesis_autocast():
         assert torch.is_autocast_enabled("cpu") == expected
     assert not torch.is_autocast_enabled("cpu")
+    assert pipe.synthesis_name() == ("bfloat16" if expected else "float32")  # as bench and evaluate record it
 
 
 def test_an_unknown_precision_is_a_clear_error(tiny_pipeline):
