@@ -81,12 +81,19 @@ def centre_crops(paths, size: int) -> dict:
     return crops
 
 
+def _mean(values):
+    """The mean, or None if a value is None (DISTS without the VGG16 weights)."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
 def measure(pipe, crops: dict, levels, rhos, settings, seed: int) -> list[dict]:
-    """One row per (setting, ρ, level): mean PSNR / LPIPS over the crops and seconds per crop."""
+    """One row per (setting, ρ, level): mean PSNR / LPIPS / DISTS over the crops and seconds per crop. DISTS, which
+    the model is not trained on, is reported beside the LPIPS the choice uses, not chosen by."""
     import torch
 
     from app.bitstream import bits_per_pixel
-    from app.metrics import lpips_distance, psnr
+    from app.metrics import dists_distance, lpips_distance, psnr
     from app.pipeline import make_scheduler, tensor_to_image
 
     originals = list(crops.values())
@@ -111,6 +118,7 @@ def measure(pipe, crops: dict, levels, rhos, settings, seed: int) -> list[dict]:
                     **asdict(s), "rho": rho, "level": level, "bpp": bpp, "seconds_per_crop": seconds,
                     "psnr": sum(psnr(a, b) for a, b in zip(originals, recons)) / len(originals),
                     "lpips": sum(lpips_distance(a, b) for a, b in zip(originals, recons)) / len(originals),
+                    "dists": _mean(dists_distance(a, b) for a, b in zip(originals, recons)),
                 })
             _log(f"level {level}: {n + 1}/{len(settings)} {s.label}")
     return rows
@@ -123,7 +131,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["scheduler"], r["spacing"], r["steps"], r["noise_scale"], r["rho"]), []).append(r)
     out = []
     for (sched, spacing, k, g, rho), group in groups.items():
-        mean = {f: sum(r[f] for r in group) / len(group) for f in ("psnr", "lpips", "seconds_per_crop")}
+        mean = {f: _mean(r.get(f) for r in group) for f in ("psnr", "lpips", "dists", "seconds_per_crop")}
         out.append({"scheduler": sched, "spacing": spacing, "steps": k, "noise_scale": g, "rho": rho, **mean})
     return out
 
@@ -179,11 +187,12 @@ def markdown(summary: list[dict], choice: dict, top: int) -> str:
         shown = rows[:top] + [r for r in [pick, *untuned] if r not in rows[:top]]
         metric = "PSNR" if rho < PSNR_BELOW_RHO else "LPIPS"
         lines += ["", f"ρ = {rho:g} (picked by {metric})", "",
-                  "| scheduler | spacing | K | γ | PSNR | LPIPS | s/crop | |", "|---|---|---|---|---|---|---|---|"]
+                  "| scheduler | spacing | K | γ | PSNR | LPIPS | DISTS | s/crop | |", "|---|---|---|---|---|---|---|---|---|"]
         for r in shown:
             tag = "**picked**" if r is pick else ("untuned default" if r in untuned else "")
+            dists = "–" if r.get("dists") is None else f"{r['dists']:.4f}"
             lines.append(f"| {r['scheduler']} | {r['spacing']} | {r['steps']} | {r['noise_scale']:g} | {r['psnr']:.2f} "
-                         f"| {r['lpips']:.4f} | {r['seconds_per_crop']:.3f} | {tag} |")
+                         f"| {r['lpips']:.4f} | {dists} | {r['seconds_per_crop']:.3f} | {tag} |")
     return "\n".join(lines).lstrip()
 
 

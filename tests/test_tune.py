@@ -74,7 +74,9 @@ def test_tune_end_to_end_applies_the_choice(tiny_pipeline, tmp_path, val_images,
     assert result["config"]["images"] == ["v0.png", "v1.png"]
     assert len(result["rows"]) == (2 + 2 * 2 + 2 * 1) * 2  # settings × ρ, one level; K = 6 only for ddim
     assert json.loads(out.read_text())["choice"] == result["choice"]
-    assert "picked by PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "picked by PSNR" in printed and "| LPIPS | DISTS |" in printed
+    assert all(r["dists"] is None or 0 < r["dists"] < 1 for r in result["rows"])  # reported, not chosen by
     loaded = load_pipeline(ckpt)
     assert loaded.config.decode_defaults == result["choice"]["decode_defaults"]
     assert all(d["num_inference_steps"] <= 4 for d in loaded.config.decode_defaults)
