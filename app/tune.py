@@ -6,8 +6,8 @@
 Every validation photo (never Kodak) is centre-cropped to ``--crop``², compressed to a real ``.cdc``
 file at each level, and decoded with every setting of the grid at every ρ, with the same noise
 seed for all settings. Per ρ the best setting is the one with the highest PSNR (ρ < 0.5) or the
-lowest LPIPS (ρ ≥ 0.5), averaged over images and levels, among settings no slower than the first
-checkpoint's default (``--max-steps``, 4: time is proportional to K); within ``NEAR`` (0.02 dB or
+lowest LPIPS (ρ ≥ 0.5; DISTS is reported beside, not chosen by), averaged over images and levels,
+among settings no slower than the first checkpoint's default (``--max-steps``, 4: time is proportional to K); within ``NEAR`` (0.02 dB or
 0.002 LPIPS) of the best, the setting with the fewest steps wins, since decode time is ∝ K. The default sweep (12 crops,
 2 levels, 5 ρ, 60 settings) takes about 30 minutes on a 2-core CPU and a few minutes on a GPU.
 
