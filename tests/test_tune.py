@@ -81,6 +81,9 @@ def test_tune_end_to_end_applies_the_choice(tiny_pipeline, tmp_path, val_images,
     assert loaded.config.decode_defaults == result["choice"]["decode_defaults"]
     assert all(d["num_inference_steps"] <= 4 for d in loaded.config.decode_defaults)
     assert "_name_or_path" not in json.loads((ckpt / "model_index.json").read_text())
+    quick = tune.main(["--data", str(val_images), "--checkpoint", str(ckpt), "--crop", "64", "--levels", "0",
+                       "--rhos", "0.9", "--steps", "1", "--noise-scales", "0", "--no-dists"])
+    assert [r["dists"] for r in quick["rows"]] == [None] and "| – |" in capsys.readouterr().out
     again = tune.main(["--checkpoint", str(ckpt), "--rows-from", str(out)])
     assert again["rows"] == result["rows"] and again["choice"] == result["choice"]  # chosen again, not measured
     other = tmp_path / "other.json"
