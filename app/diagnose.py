@@ -137,8 +137,7 @@ def table(rows: dict) -> str:
         share = "–" if r["inactive_bit_share"] is None else f"{100 * r['inactive_bit_share']:.0f} %"
         lines.append(f"| {name[1:]} | {cell(r['bpp'], 3)} | {cell(r['psnr_base'], 2)} | {cell(r['psnr_rho0'], 2)} | "
                      f"{cell(r['lpips_rho'], 3)} | {cell(r['dists_rho0'], 3)} | {cell(r['dists_rho'], 3)} | "
-                     f"{cell(r['psnr_ceiling'], 2)} | "
-                     f"{active} | {share} |")
+                     f"{cell(r['psnr_ceiling'], 2)} | {active} | {share} |")
     return "\n".join(lines)
 
 
