@@ -7,9 +7,10 @@ Every validation photo (never Kodak) is centre-cropped to ``--crop``², compress
 file at each level, and decoded with every setting of the grid at every ρ, with the same noise
 seed for all settings. Per ρ the best setting is the one with the highest PSNR (ρ < 0.5) or the
 lowest LPIPS (ρ ≥ 0.5; DISTS is reported beside, not chosen by), averaged over images and levels,
-among settings no slower than the first checkpoint's default (``--max-steps``, 4: time is proportional to K); within ``NEAR`` (0.02 dB or
-0.002 LPIPS) of the best, the setting with the fewest steps wins, since decode time is ∝ K. The default sweep (12 crops,
-2 levels, 5 ρ, 60 settings) takes about 30 minutes on a 2-core CPU and a few minutes on a GPU.
+among settings no slower than the first checkpoint's default (``--max-steps``, 4: time is
+proportional to K); within ``NEAR`` (0.02 dB or 0.002 LPIPS) of the best, the setting with the
+fewest steps wins, since decode time is ∝ K. The default sweep (12 crops, 2 levels, 5 ρ, 60
+settings) takes about 30 minutes on a 2-core CPU and a few minutes on a GPU.
 
 The scheduler and spacing are one choice for all ρ (a checkpoint holds one scheduler): the family
 that is best at the most ρ values, ties going to the checkpoint's current one. One-step decodes
@@ -90,7 +91,7 @@ def _mean(values):
 def measure(pipe, crops: dict, levels, rhos, settings, seed: int, dists: bool = True) -> list[dict]:
     """One row per (setting, ρ, level): mean PSNR / LPIPS / DISTS over the crops and seconds per crop. DISTS, which
     the model is not trained on, is reported beside the LPIPS the choice uses, not chosen by (None with
-    ``dists=False``: a VGG16 pass per decode; the K ≤ 2 sweep took 301 s with it on this CPU, 53 s without)."""
+    ``dists=False``, which saves a VGG16 pass per decode)."""
     import torch
 
     from app.bitstream import bits_per_pixel
