@@ -6,7 +6,8 @@ objectives in [-1, 1]; ``mse01`` converts. Every loss is per sample, then averag
 
 * :class:`RateDistortionLoss`, the compressor alone: bpp + λ_q·255²·MSE(x_base, x);
 * :class:`DenoiserLoss`, the UNet alone: (1 − ρ)·w(t)·‖x̂0 − x‖² + ρ·P(x̂0, x), in [-1, 1] as the
-  first checkpoints were trained, w(t) = clip(SNR_t, 1, 5), P a perceptual distance (LPIPS);
+  first checkpoints were trained, w(t) = clip(SNR_t, 1, 5), P a perceptual distance (LPIPS, or
+  :class:`MeanDistance` of several);
 * :class:`JointLoss`: bpp + λ_q·255²·(MSE(x_base, x) + denoiser / 4), which is the earlier one-stage
   loss λ_old·bpp + ‖x_base − x‖² + denoiser divided by λ_old, with λ = 4 / (255²·λ_old).
 
@@ -36,6 +37,17 @@ def bits_per_pixel(likelihoods: dict, pixels: int) -> torch.Tensor:
 def old_to_compressai_lambdas(lambdas) -> list[float]:
     """λ of the first checkpoints (λ_old·bpp + MSE in [-1, 1]) in compressai's convention: 4 / (255²·λ_old)."""
     return [4 / (255**2 * lam) for lam in lambdas]
+
+
+class MeanDistance(nn.Module):
+    """The mean of several perceptual distances (e.g. LPIPS-alex and LPIPS-VGG): model(x, y) -> (N,)."""
+
+    def __init__(self, distances):
+        super().__init__()
+        self.distances = nn.ModuleList(distances)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sum(d(x, y).float().flatten() for d in self.distances) / len(self.distances)
 
 
 class RateDistortionLoss(nn.Module):

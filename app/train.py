@@ -49,7 +49,7 @@ from . import diagnose, revive
 from .images import image_files, load_image
 from .metrics import load_lpips
 from .models import CDCCompressor, CDCUNet
-from .objectives import DenoiserLoss, JointLoss, RateDistortionLoss, mse01, old_to_compressai_lambdas
+from .objectives import DenoiserLoss, JointLoss, MeanDistance, RateDistortionLoss, mse01, old_to_compressai_lambdas
 from .pipeline import CDCPipeline, load_pipeline, make_scheduler
 from .train_data import CropSampler, image_files_in, pack, to_device
 
@@ -204,7 +204,7 @@ class Trainer:
             self.lpips = None
             self.objective = RateDistortionLoss(args.lambdas, args.balance_levels)
         else:
-            self.lpips = load_lpips(args.lpips_net, device=device).to(memory_format=self.memory_format)
+            self.lpips = perceptual_distance(args.lpips_net, device).to(memory_format=self.memory_format)
             self.objective = (DenoiserLoss(snr_weight, self.lpips) if self.stage == "denoiser"
                               else JointLoss(args.lambdas, snr_weight, self.lpips, args.balance_levels))
         self.objective.to(device)
@@ -302,6 +302,12 @@ class Trainer:
                 for name, module in (("compressor", self.pipe.compressor), ("unet", self.pipe.unet))}
 
 
+def perceptual_distance(nets, device) -> torch.nn.Module:
+    """The denoiser's P: LPIPS with one backbone, or the mean of several (:class:`MeanDistance`)."""
+    models = [load_lpips(net, device=device) for net in nets]
+    return models[0] if len(models) == 1 else MeanDistance(models)
+
+
 def stage_parameters(compressor: CDCCompressor, unet: CDCUNet, stage: str = "joint") -> tuple[list, list]:
     """(main, aux) trained in ``stage``: the entropy bottleneck's quantiles (aux) by the auxiliary loss only,
     and only in the stages that train the compressor."""
@@ -344,6 +350,7 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
            "batch_size": args.batch_size, "crop": args.crop, "lr": peak_lr, "lr_scaling": args.lr_scaling,
            "warmup_steps": warmup, "balance_levels": args.balance_levels, "content_grad": args.content_grad,
            "mixed_precision": args.mixed_precision,
+           "perceptual": "none" if args.stage == "compressor" else " + ".join(f"LPIPS-{n}" for n in args.lpips_net),
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -400,7 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grid-share", type=float, default=GRID_SHARE,
                     help="share of t drawn on the 1–4-step decode timesteps (0 = uniform t)")
     ap.add_argument("--grid-jitter", type=int, default=GRID_JITTER, help="± timesteps around the decode grid")
-    ap.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    ap.add_argument("--lpips-net", nargs="+", default=["alex"], choices=["alex", "vgg"],
+                    help="the perceptual loss P: LPIPS with this backbone, or the mean over several (alex vgg)")
     ap.add_argument("--val", type=Path, help="folder of whole images: app.diagnose's numbers, logged during training")
     ap.add_argument("--val-count", type=int, default=4)
     ap.add_argument("--val-every-minutes", type=float, default=10.0)
