@@ -362,3 +362,23 @@ def test_scale_grad_keeps_the_value_and_scales_the_gradient():
     y.sum().backward()
     assert torch.equal(y, x) and torch.allclose(x.grad, torch.full((5,), 0.25))
     assert train.scale_grad(x, 1.0) is x
+
+
+def test_the_perceptual_distance_of_several_backbones_is_their_mean():
+    import torch
+
+    from app.metrics import load_lpips
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(2, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2))
+    both = train.perceptual_distance(["alex", "vgg"], "cpu")
+    alex, vgg = load_lpips("alex")(a, b).flatten(), load_lpips("vgg")(a, b).flatten()
+    assert not torch.allclose(alex, vgg, rtol=0.1)  # the mean is not either one
+    assert torch.allclose(both(a, b), (alex + vgg) / 2, rtol=1e-5)
+    assert train.perceptual_distance(["alex"], "cpu")(a, b).flatten().allclose(alex)
+
+    args = train.parse_args(["--data", "x", "--lambdas", "0.1", "--lpips-net", "alex", "vgg"])
+    runs = [train.training_state(args, {}, 1, 8, 0.1, "cpu")["runs"][-1]]
+    args.stage = "compressor"
+    runs.append(train.training_state(args, {}, 1, 8, 0.1, "cpu")["runs"][-1])
+    assert [r["perceptual"] for r in runs] == ["LPIPS-alex + LPIPS-vgg", "none"]
