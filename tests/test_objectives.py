@@ -67,4 +67,3 @@ def test_the_denoiser_loss_skips_the_perceptual_term_only_where_rho_is_zero():
     loss = DenoiserLoss(torch.ones(1000), Halves())
     assert loss(x0_hat, x, t, rho, torch.tensor([1, 2]))["loss"].item() == \
         pytest.approx(loss(x0_hat, x, t, rho, torch.tensor([0, 1, 2]))["loss"].item(), rel=1e-6)
-
