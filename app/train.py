@@ -205,8 +205,8 @@ class Trainer:
             self.objective = RateDistortionLoss(args.lambdas, args.balance_levels)
         else:
             self.lpips = perceptual_distance(args.lpips_net, device).to(memory_format=self.memory_format)
-            self.objective = (DenoiserLoss(snr_weight, self.lpips) if self.stage == "denoiser"
-                              else JointLoss(args.lambdas, snr_weight, self.lpips, args.balance_levels))
+            self.objective = (DenoiserLoss(snr_weight, self.lpips, args.mse_weight) if self.stage == "denoiser"
+                              else JointLoss(args.lambdas, snr_weight, self.lpips, args.balance_levels, args.mse_weight))
         self.objective.to(device)
         for module in (pipe.compressor, pipe.unet):
             module.to(memory_format=self.memory_format)
@@ -351,6 +351,7 @@ def training_state(args, prior: dict, step: int, crops: int, minutes: float, dev
            "warmup_steps": warmup, "balance_levels": args.balance_levels, "content_grad": args.content_grad,
            "mixed_precision": args.mixed_precision,
            "perceptual": "none" if args.stage == "compressor" else " + ".join(f"LPIPS-{n}" for n in args.lpips_net),
+           "mse_weight": args.mse_weight,
            "timesteps": f"{args.grid_share:g} on the 1-4-step decode grid (±{args.grid_jitter}), rest uniform"
            if args.grid_share else "uniform"}
     return {
@@ -409,6 +410,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grid-jitter", type=int, default=GRID_JITTER, help="± timesteps around the decode grid")
     ap.add_argument("--lpips-net", nargs="+", default=["alex"], choices=["alex", "vgg"],
                     help="the perceptual loss P: LPIPS with this backbone, or the mean over several (alex vgg)")
+    ap.add_argument("--mse-weight", type=float, default=1.0,
+                    help="k in the denoiser loss (1 − ρ)·k·w(t)·MSE + ρ·P (default 1, Eq. 7): the ρ = 0 end's share "
+                         "of the UNet's gradient (app.objectives)")
     ap.add_argument("--val", type=Path, help="folder of whole images: app.diagnose's numbers, logged during training")
     ap.add_argument("--val-count", type=int, default=4)
     ap.add_argument("--val-every-minutes", type=float, default=10.0)
@@ -425,6 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not 0 <= args.content_grad <= 1:
         ap.error("--content-grad must lie in [0, 1]")
+    if args.mse_weight <= 0:
+        ap.error("--mse-weight must be positive")
     if not 0 <= args.grid_share <= 1 or args.grid_jitter < 0:
         ap.error("--grid-share must lie in [0, 1] and --grid-jitter be ≥ 0")
     if args.warmup_crops is not None and args.warmup_crops < 1:

@@ -67,3 +67,14 @@ def test_the_denoiser_loss_skips_the_perceptual_term_only_where_rho_is_zero():
     loss = DenoiserLoss(torch.ones(1000), Halves())
     assert loss(x0_hat, x, t, rho, torch.tensor([1, 2]))["loss"].item() == \
         pytest.approx(loss(x0_hat, x, t, rho, torch.tensor([0, 1, 2]))["loss"].item(), rel=1e-6)
+
+
+def test_the_mse_weight_scales_only_the_mse_term():
+    x, _ = _batch()
+    x0_hat = (x * 0.9).clamp(-1, 1)
+    rho, t, lp = torch.tensor([0.0, 0.9, 0.4]), torch.tensor([0, 5, 999]), torch.tensor([1, 2])
+    snr = torch.linspace(1, 5, 1000)
+    one, three = (DenoiserLoss(snr, Halves(), k)(x0_hat, x, t, rho, lp) for k in (1.0, 3.0))
+    expected = one["per_sample"] + 2 * (1 - rho) * snr[t] * one["mse"]
+    assert torch.allclose(three["per_sample"], expected, rtol=1e-6)
+    assert three["per_sample"][0].item() == pytest.approx(3 * one["per_sample"][0].item(), rel=1e-6)

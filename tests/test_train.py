@@ -377,8 +377,11 @@ def test_the_perceptual_distance_of_several_backbones_is_their_mean():
     assert torch.allclose(both(a, b), (alex + vgg) / 2, rtol=1e-5)
     assert train.perceptual_distance(["alex"], "cpu")(a, b).flatten().allclose(alex)
 
-    args = train.parse_args(["--data", "x", "--lambdas", "0.1", "--lpips-net", "alex", "vgg"])
+    args = train.parse_args(["--data", "x", "--lambdas", "0.1", "--lpips-net", "alex", "vgg", "--mse-weight", "10"])
     runs = [train.training_state(args, {}, 1, 8, 0.1, "cpu")["runs"][-1]]
     args.stage = "compressor"
     runs.append(train.training_state(args, {}, 1, 8, 0.1, "cpu")["runs"][-1])
     assert [r["perceptual"] for r in runs] == ["LPIPS-alex + LPIPS-vgg", "none"]
+    assert runs[0]["mse_weight"] == 10
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "x", "--mse-weight", "0"])
