@@ -73,7 +73,8 @@ def sample_rho(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def perceptual_indices(rho: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     """The samples whose loss uses LPIPS: every one with ρ > 0 (ρ = 0 weighs LPIPS by exactly 0), topped
-    up with ρ = 0 samples to a multiple of ``multiple``, so that LPIPS sees few batch shapes (cudnn autotuning)."""
+    up with ρ = 0 samples to a multiple of ``multiple``, so that LPIPS sees few batch shapes (cudnn autotuning;
+    the CPU takes ``multiple`` = 1: there LPIPS-VGG is most of a step and every shape runs as fast)."""
     order = torch.argsort((rho == 0).to(torch.uint8), stable=True)
     count = -(-int((rho > 0).sum()) // multiple) * multiple
     return order[: min(count, len(rho))]
@@ -246,7 +247,7 @@ class Trainer:
         rho = sample_rho(n, self.gen)
         t = sample_timesteps(n, self.t_gen, self.grid, args.grid_share, args.grid_jitter,
                              scheduler.config.num_train_timesteps)
-        lp = perceptual_indices(rho)
+        lp = perceptual_indices(rho, 8 if device.type == "cuda" else 1)
         q, rho, t, lp = (to_device(v, device) for v in (q, rho, t, lp))
 
         x0_hat = None

@@ -152,9 +152,9 @@ def test_lpips_only_where_rho_weighs_it_leaves_the_loss_unchanged(tiny_pipeline,
         return train.Trainer(copy.deepcopy(tiny_pipeline), args).step(x, 1e-4)["loss"].item()
 
     only = train.perceptual_indices
-    monkeypatch.setattr(train, "perceptual_indices", lambda rho: only(rho, multiple=1))  # 5 of these 8 have ρ > 0
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho, multiple: only(rho, multiple=1))  # 5 of these 8 have ρ > 0
     subset = first_loss()
-    monkeypatch.setattr(train, "perceptual_indices", lambda rho: torch.arange(len(rho)))
+    monkeypatch.setattr(train, "perceptual_indices", lambda rho, multiple: torch.arange(len(rho)))
     assert subset == pytest.approx(first_loss(), rel=1e-6)
 
 
