@@ -75,14 +75,14 @@ class DenoiserLoss(nn.Module):
 
     def __init__(self, snr_weight: torch.Tensor, perceptual: nn.Module, mse_weight: float = 1.0):
         super().__init__()
-        self.register_buffer("snr_weight", snr_weight * mse_weight, persistent=False)
-        self.perceptual = perceptual
+        self.register_buffer("snr_weight", snr_weight, persistent=False)
+        self.perceptual, self.mse_weight = perceptual, mse_weight
 
     def forward(self, x0_hat: torch.Tensor, x: torch.Tensor, t: torch.Tensor, rho: torch.Tensor,
                 lp: torch.Tensor) -> dict:
         mse = 4 * mse01(x0_hat, x)  # in [-1, 1]
         perceptual = self.perceptual(x0_hat.index_select(0, lp), x.index_select(0, lp)).float().flatten()
-        per_sample = ((1 - rho) * self.snr_weight[t] * mse).index_add(0, lp, rho.index_select(0, lp) * perceptual)
+        per_sample = ((1 - rho) * self.mse_weight * self.snr_weight[t] * mse).index_add(0, lp, rho.index_select(0, lp) * perceptual)
         return {"loss": per_sample.mean(), "per_sample": per_sample, "mse": mse, "perceptual": perceptual}
 
 
