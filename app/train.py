@@ -146,14 +146,21 @@ def default_state_dir(out: Path) -> Path:
 
 
 def build_pipeline(args) -> CDCPipeline:
-    """The pipeline to train, in fp32: ``--resume``'s (grown by ``--base-channels``) or a new one."""
+    """The pipeline to train, in fp32: ``--resume``'s (grown by ``--encoder-channels`` / ``--base-channels``) or a
+    new one."""
     if not args.resume:
-        compressor = CDCCompressor(num_quality_levels=len(args.lambdas), base_channels=tuple(args.base_channels or ()))
+        grown = {k: tuple(v) for k, v in (("encoder_channels", args.encoder_channels),
+                                          ("base_channels", args.base_channels)) if v}
+        compressor = CDCCompressor(num_quality_levels=len(args.lambdas), **grown)
         return CDCPipeline(compressor, CDCUNet(), make_scheduler())
     pipe = load_pipeline(args.resume).to(torch.float32)
-    if args.base_channels and tuple(args.base_channels) != tuple(pipe.compressor.config.base_channels):
-        pipe = CDCPipeline(pipe.compressor.with_base_synthesis(args.base_channels), pipe.unet, pipe.scheduler,
-                           pipe.config.decode_defaults)
+    compressor = pipe.compressor
+    if args.encoder_channels and tuple(args.encoder_channels) != tuple(compressor.config.encoder_channels):
+        compressor = compressor.with_encoder_channels(args.encoder_channels)
+    if args.base_channels and tuple(args.base_channels) != tuple(compressor.config.base_channels):
+        compressor = compressor.with_base_synthesis(args.base_channels)
+    if compressor is not pipe.compressor:
+        pipe = CDCPipeline(compressor, pipe.unet, pipe.scheduler, pipe.config.decode_defaults)
     return pipe
 
 
@@ -380,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--state", type=Path,
                     help="the run's full state (fp32 weights, Adam, EMA, generators), continued if it holds this stage "
                          f"(default: a folder per --out under $CDC_STATE_ROOT or {STATE_ROOT})")
+    ap.add_argument("--encoder-channels", type=int, nargs=3, metavar=("H2", "H4", "H8"),
+                    help="widen the compressor's g_a at H/2, H/4, H/8 to these widths (y unchanged at first)")
     ap.add_argument("--base-channels", type=int, nargs=2, metavar=("H2", "H1"),
                     help="grow the compressor's x_base synthesis at H/2 and H to these widths")
     ap.add_argument("--revive-channels", type=float, metavar="RATIO",

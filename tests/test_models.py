@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from app.models import CDCCompressor, CDCUNet
@@ -38,6 +39,20 @@ def test_base_synthesis_runs_its_last_conv_at_half_resolution_with_the_same_resu
     assert out.shape == (2, 3, 24, 40)
     torch.testing.assert_close(out, at_full_resolution, rtol=1e-5, atol=1e-5)
     assert [name for name, _ in synthesis.named_parameters()] == ["0.weight", "0.bias", "3.weight", "3.bias", "6.weight", "6.bias"]
+
+
+def test_a_widened_encoder_gives_the_same_latent_and_trains_its_new_channels():
+    c = make_tiny_pipeline().compressor
+    for gdn in (c.g_a[1], c.g_a[3], c.g_a[5]):  # off-diagonal GDN terms, as a trained g_a has
+        torch.nn.init.uniform_(gdn.gamma, 0.05, 0.3)
+    x, q = torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([1, 3])
+    wide = c.with_encoder_channels((12, 16, 20))
+    assert tuple(wide.config.encoder_channels) == (12, 16, 20) and wide.g_a[6].weight.shape[1] == 20
+    torch.testing.assert_close(wide.analysis(x, q), c.analysis(x, q), rtol=1e-5, atol=1e-6)
+    wide.analysis(x, q).square().mean().backward()
+    assert wide.g_a[6].weight.grad[:, 16:].abs().sum() > 0  # the new channels reach y once trained
+    with pytest.raises(ValueError, match="three widths"):
+        c.with_encoder_channels((4, 16, 20))
 
 
 def test_content_runs_channels_last_with_the_same_values():

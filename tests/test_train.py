@@ -307,14 +307,15 @@ def test_a_run_continues_from_its_state_with_adam_ema_and_step(tiny_pipeline_dir
         {"stage": "denoiser", "steps": 1, "crops": 2, "minutes": pytest.approx(0, abs=1), "architecture": None}
 
 
-def test_a_grown_compressor_trains_and_ships_its_base_synthesis(tiny_pipeline_dir, tmp_path):
+def test_a_grown_compressor_trains_and_ships_its_base_synthesis_and_wider_encoder(tiny_pipeline_dir, tmp_path):
     src = _noise_photo(tmp_path / "src", 3)
     out = tmp_path / "run"
     train.main(["--data", str(src), "--resume", str(tiny_pipeline_dir), "--out", str(out), "--stage", "compressor",
-                "--base-channels", "8", "4", "--batch-size", "2", "--crop", "64", "--device", "cpu", "--max-steps", "2",
-                "--lambdas", "0.01", "0.02", "0.04", "0.08"])
+                "--base-channels", "8", "4", "--encoder-channels", "8", "12", "16", "--batch-size", "2", "--crop", "64",
+                "--device", "cpu", "--max-steps", "2", "--lambdas", "0.01", "0.02", "0.04", "0.08"])
     pipe = load_pipeline(out)
     assert tuple(pipe.compressor.config.base_channels) == (8, 4)
+    assert tuple(pipe.compressor.config.encoder_channels) == (8, 12, 16)
     assert pipe.decompress(pipe.compress(src / "0.png", 3), progress=False).size == (96, 72)
 
 

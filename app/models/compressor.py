@@ -158,6 +158,26 @@ class CDCCompressor(CompressionModel, ModelMixin, ConfigMixin):
             raise ValueError(f"cannot grow this compressor: missing {missing}, unexpected {unexpected}")
         return grown.to(self.device, self.dtype)
 
+    def with_encoder_channels(self, widths) -> "CDCCompressor":
+        """A copy whose g_a has ``widths`` (≥ the present ones) at H/2, H/4, H/8 and the same y (Net2Net-style:
+        a new channel gets fresh input weights and a fresh GDN row, while its weights into the old channels and into
+        y start at zero). Analysis only: decoding costs the same."""
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != 3 or any(w < c for w, c in zip(widths, self.config.encoder_channels)):
+            raise ValueError(f"encoder_channels grow to three widths ≥ {tuple(self.config.encoder_channels)}, got {widths}")
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        grown = type(self)(**{**config, "encoder_channels": widths})
+        fresh = grown.g_a.state_dict()
+        state = self.state_dict()
+        for name, old in self.g_a.state_dict().items():
+            new = fresh[name].clone()
+            if name.endswith(".weight"):  # conv: [out, in, k, k]; new inputs into old outputs start at zero
+                new[: old.shape[0]] = 0
+            new[tuple(slice(0, s) for s in old.shape)] = old
+            state[f"g_a.{name}"] = new
+        grown.load_state_dict(state)
+        return grown.to(self.device, self.dtype)
+
     # -- pieces ---------------------------------------------------------------------------
     def gain(self, quality: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Per-channel (inverse) gain at ``quality`` ∈ [0, Q−1]; between levels the gains are interpolated
