@@ -251,7 +251,8 @@ class CDCPipeline(DiffusionPipeline):
                 self._analysis_margin = tiling.analysis_margin(self.compressor)
             pixels = to_array(img)
             del img  # the array holds the pixels once
-            features = tiling.analysis_tiled(self.compressor, pixels, pad_h, pad_w, self.tile_size, self._analysis_margin)
+            window = tiling.analysis_window(self.compressor, self.tile_size)
+            features = tiling.analysis_tiled(self.compressor, pixels, pad_h, pad_w, window, self._analysis_margin)
             del pixels
         else:
             x = F.pad(image_to_tensor(img), (0, pad_w - width, 0, pad_h - height), mode="replicate")

@@ -27,6 +27,9 @@ ALIGN = 16  # window edges on multiples of this: ŷ's stride and the UNet's down
 # UNet bands per band of the content decoder, whose 48 px reach above and below a 256-row band makes it decode
 # 1.38× the rows (1.19× at 512: a 4032 × 3024 content decode 7.0 → 6.1 s on a 2-core CPU)
 CONTENT_BANDS = 2
+# bytes of g_a's first activation (H/2, float32) per encoder window at most: the 48-channel g_a at 1024 px; a wider
+# g_a gets smaller windows (96 channels: 720 px), so the encoder's peak does not grow with its width
+ANALYSIS_BYTES = 48 << 20
 _DRAW_CHUNK = 1 << 22  # randn draws discarded per call while skipping ahead
 
 
@@ -149,6 +152,13 @@ def analysis_margin(compressor) -> int:
 def _flat(content):
     pyramid, x_base = content
     return [*pyramid, x_base]
+
+
+def analysis_window(compressor, tile: int) -> int:
+    """Side (pixels, a multiple of ``ALIGN``, at most ``tile``) of the encoder's windows: g_a's first activation
+    within :data:`ANALYSIS_BYTES`."""
+    side = 2 * math.isqrt(ANALYSIS_BYTES // (4 * compressor.config.encoder_channels[0]))
+    return min(tile, side // ALIGN * ALIGN)
 
 
 def analysis_tiled(compressor, pixels: np.ndarray, pad_h: int, pad_w: int, tile: int, margin: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from app import bands, tiling
 from app.bench import synthetic_image
-from app.models import CDCUNet
+from app.models import CDCCompressor, CDCUNet
 from app.pipeline import image_to_tensor
 
 
@@ -103,6 +103,14 @@ def test_measured_margins_cover_the_receptive_field(tiny_pipeline):
     margin = tiling.analysis_margin(c)
     assert margin % tiling.ALIGN == 0 and 16 <= margin <= 64  # g_a: four 5×5 stride-2 convs reach 30 pixels
     assert tiling.content_margin(c, torch.tensor([1.0])) % tiling.ALIGN == 0
+
+
+def test_encoder_windows_shrink_as_g_a_widens_so_its_first_activation_stays_in_budget():
+    def window(c1, tile=1024):
+        return tiling.analysis_window(CDCCompressor(encoder_channels=(c1, 96, 128)), tile)
+    assert window(48) == 1024 and window(96) == 720 and window(8) == 1024 and window(48, 512) == 512
+    for c1 in (48, 64, 96, 192):
+        assert window(c1) % tiling.ALIGN == 0 and c1 * (window(c1) // 2) ** 2 * 4 <= tiling.ANALYSIS_BYTES
 
 
 def _tiled(pipe, tile, band_pixels=None):
